@@ -1,0 +1,33 @@
+"""The Hydra entry point behind `python run.py ...` and the `cpds-exp` console script."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from cpds_exp.errors import CpdsError
+
+log = logging.getLogger("cpds_exp")
+
+#: conf/ beside the package (an editable install or a checkout); Hydra takes an absolute path.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Run the configured edits; a CpdsError is one line on stderr (exit 2 for a single run)."""
+    from cpds_exp.app import run
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run(cfg, hydra_cfg.runtime.output_dir)
+    except CpdsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.RUN:
+            sys.exit(2)
+        log.error("job %s failed: %s", hydra_cfg.job.num, err)

@@ -1,0 +1,104 @@
+"""The CUT (PatchNCE) term of CDS and CPDS (SPEC §3).
+
+Features are lists with one (B, HW, C) tensor per self-attention layer. For each batch element,
+layer and patch size the source features pick n positions (through ``select``) and PatchNCE
+contrasts each chosen source position with the target feature at the same place.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: Selects n row indices from (N, C) normalised source features.
+Select = Callable[[torch.Tensor, int], torch.Tensor]
+
+#: The published PatchNCE temperature and the value written on the diagonal of the negatives.
+TAU = 0.07
+NEGATIVE_DIAGONAL_FILL = -10.0
+
+
+def patch_nce(ref: torch.Tensor, trg: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """Per-position PatchNCE losses (N,) for (N, C) normalised features.
+
+    Row i holds the positive ⟨ref_i, trg_i⟩ as class 0 followed by the negatives ⟨ref_i, trg_j⟩
+    with the diagonal j = i filled with −10, all divided by τ (as the published code does).
+    ``ref`` is the query and receives no gradient; gradients flow into ``trg``.
+    """
+    ref = ref.detach().float()
+    trg = trg.float()
+    positive = (ref * trg).sum(dim=-1, keepdim=True)
+    negatives = ref @ trg.transpose(0, 1)
+    diagonal = torch.eye(ref.shape[0], dtype=torch.bool, device=ref.device)
+    negatives = negatives.masked_fill(diagonal, NEGATIVE_DIAGONAL_FILL)
+    logits = torch.cat([positive, negatives], dim=1) / tau
+    target = torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def square_shape(tokens: int) -> tuple[int, int]:
+    """(H, W) of a square token grid; refuses token counts that are not square."""
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{tokens} tokens do not form a square grid: pass spatial_shapes")
+    return side, side
+
+
+def pool_and_normalise(features: torch.Tensor, patch_size: int, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, HW, C) tokens → (B, N, C): p×p average pooling, then unit length over channels."""
+    batch, tokens, channels = features.shape
+    height, width = shape
+    grid = features.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+    if patch_size > 1:
+        grid = F.avg_pool2d(grid, patch_size)
+    return F.normalize(grid.flatten(2).transpose(1, 2).float(), dim=-1)
+
+
+def cut_losses(
+    ref_feats: Sequence[torch.Tensor],
+    trg_feats: Sequence[torch.Tensor],
+    select: Select,
+    patch_sizes: Sequence[int] = (1, 2),
+    n_patches: int = 256,
+    tau: float = TAU,
+    spatial_shapes: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """(B, L) losses: per batch element and layer, the sum over patch sizes of the mean PatchNCE.
+
+    ``select`` is called once per batch element, layer and patch size, in that nesting order.
+    """
+    if len(ref_feats) != len(trg_feats):
+        raise ValueError(f"{len(ref_feats)} reference layers but {len(trg_feats)} target layers")
+    shapes = spatial_shapes or [square_shape(f.shape[1]) for f in ref_feats]
+    pooled = [
+        [(pool_and_normalise(r, p, s), pool_and_normalise(t, p, s)) for p in patch_sizes]
+        for r, t, s in zip(ref_feats, trg_feats, shapes)
+    ]
+    batch = ref_feats[0].shape[0]
+    per_image = []
+    for b in range(batch):
+        per_layer = []
+        for layer in pooled:
+            total = 0.0
+            for ref, trg in layer:
+                n = min(n_patches, ref.shape[1])
+                idx = select(ref[b], n)
+                total = total + patch_nce(ref[b, idx], trg[b, idx], tau).mean()
+            per_layer.append(total)
+        per_image.append(torch.stack(per_layer))
+    return torch.stack(per_image)
+
+
+def cut_loss(
+    ref_feats: Sequence[torch.Tensor],
+    trg_feats: Sequence[torch.Tensor],
+    select: Select,
+    patch_sizes: Sequence[int] = (1, 2),
+    n_patches: int = 256,
+    tau: float = TAU,
+    spatial_shapes: Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
+    """Scalar CUT loss: sum over batch elements, layers and patch sizes of the mean PatchNCE."""
+    return cut_losses(ref_feats, trg_feats, select, patch_sizes, n_patches, tau, spatial_shapes).sum()

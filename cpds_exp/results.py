@@ -1,0 +1,49 @@
+"""Run outputs written atomically: a reader never sees a half-written file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from PIL import Image
+
+
+def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write through ``write(tmp_path)`` next to ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def save_image(path: str | os.PathLike, image: Image.Image) -> Path:
+    """Save a PNG atomically (the format is fixed so the temporary name does not matter)."""
+    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def side_by_side(*images: Image.Image) -> Image.Image:
+    """Images of one height placed left to right (source | result)."""
+    height = max(img.height for img in images)
+    canvas = Image.new("RGB", (sum(img.width for img in images), height), "white")
+    x = 0
+    for img in images:
+        canvas.paste(img, (x, 0))
+        x += img.width
+    return canvas
