@@ -25,21 +25,23 @@ log = logging.getLogger(__name__)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` of a group option, minus its descriptive ``name`` key.
+    """Instantiate a group option (minus its descriptive ``name``) with runtime ``kwargs``.
 
-    A :class:`CpdsError` raised by the target comes through as itself; any other failure
-    (a misspelt option, a wrong type) becomes one line naming the option.
+    The kwargs reach the target as they are (not converted to OmegaConf containers). A
+    misspelt option or a wrong type becomes one line naming the option; a :class:`CpdsError`
+    raised by the target comes through as itself.
     """
     params = OmegaConf.to_container(node, resolve=True)
     params.pop("name", None)
+    target = params.get("_target_")
     try:
-        return instantiate(params, _recursive_=False, **kwargs)
+        factory = instantiate(params, _partial_=True, _recursive_=False)
+        return factory(**kwargs) if kwargs or not node.get("_partial_", False) else factory
     except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, CpdsError):
-            raise cause from None
-        detail = str(cause or err).strip().splitlines()[0]
-        raise CpdsError(f"cannot build {params.get('_target_')}: {detail}") from err
+        detail = str(err.__cause__ or err).strip().splitlines()[0]
+        raise CpdsError(f"cannot build {target}: {detail}") from err
+    except TypeError as err:
+        raise CpdsError(f"cannot build {target}: {str(err).splitlines()[0]}") from err
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:

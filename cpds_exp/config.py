@@ -15,6 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 from cpds_exp.editor import EditSettings
 from cpds_exp.errors import CpdsError
 
+FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
+
 
 class Score(str, Enum):
     dds = "dds"
@@ -93,7 +95,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                         f"e.g. {missing[0]}=...")
     lr = typed.lr if typed.lr is not None else typed.method.lr
     checks = [
-        (lr > 0, f"lr={lr} must be positive (the method's default is {typed.method.lr})"),
+        (0 < lr < FLOAT32_MAX, f"lr={lr} must be positive and finite (the method's default is {typed.method.lr})"),
         (typed.iterations > 0, f"iterations={typed.iterations} must be positive (the paper uses 200)"),
         (0 <= typed.t_min < typed.t_max <= 1000, f"t_min={typed.t_min}, t_max={typed.t_max}: need 0 <= t_min < t_max <= 1000"),
         (typed.t_min >= 1 or typed.method.score != Score.pds, "PDS needs t_min >= 1 (it uses t - 1)"),

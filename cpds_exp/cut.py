@@ -27,8 +27,9 @@ def patch_nce(ref: torch.Tensor, trg: torch.Tensor, tau: float = TAU) -> torch.T
     with the diagonal j = i filled with −10, all divided by τ (as the published code does).
     ``ref`` is the query and receives no gradient; gradients flow into ``trg``.
     """
-    ref = ref.detach().float()
-    trg = trg.float()
+    dtype = torch.promote_types(trg.dtype, torch.float32)  # half precision is too coarse for the logits
+    ref = ref.detach().to(dtype)
+    trg = trg.to(dtype)
     positive = (ref * trg).sum(dim=-1, keepdim=True)
     negatives = ref @ trg.transpose(0, 1)
     diagonal = torch.eye(ref.shape[0], dtype=torch.bool, device=ref.device)
@@ -53,7 +54,8 @@ def pool_and_normalise(features: torch.Tensor, patch_size: int, shape: tuple[int
     grid = features.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     if patch_size > 1:
         grid = F.avg_pool2d(grid, patch_size)
-    return F.normalize(grid.flatten(2).transpose(1, 2).float(), dim=-1)
+    tokens_out = grid.flatten(2).transpose(1, 2)
+    return F.normalize(tokens_out.to(torch.promote_types(tokens_out.dtype, torch.float32)), dim=-1)
 
 
 def cut_losses(

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from cpds_exp.errors import CpdsError
+
 #: The self-attention layers of SD's up blocks: up_blocks.{1,2,3}.attentions.{0,1,2}...attn1.
 DEFAULT_CUT_LAYERS = ("up_blocks.*.attn1",)
 
@@ -34,7 +36,7 @@ def match_layers(unet: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     names = [name.removesuffix(".processor") for name in unet.attn_processors]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not chosen:
-        raise ValueError(
+        raise CpdsError(
             f"cut_layers={list(patterns)} matches no attention layer; "
             f"try a pattern such as 'up_blocks.*.attn1' (layers look like '{names[0]}')"
         )

@@ -1,0 +1,87 @@
+"""The app in-process: outputs of one edit, lr resolution, and one-line errors for bad input."""
+import json
+
+import pytest
+from PIL import Image
+
+from cpds_exp.app import run
+from cpds_exp.errors import CpdsError
+
+FAST = ("model=tiny", "logger=none", "iterations=3", "progress=false", "n_patches=16")
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "cat.png"
+    Image.new("RGB", (80, 60), (200, 120, 40)).save(path)
+    return path
+
+
+def test_one_edit_writes_its_outputs(compose_config, tmp_path):
+    cfg = compose_config(*FAST, "method=cds", "snapshot_every=2", "image_prep=center_crop")
+    [summary] = run(cfg, tmp_path)
+    for name in ("source.png", "result.png", "side_by_side.png", "summary.json", "config.yaml",
+                 "snapshots/iter_0002.png"):
+        assert (tmp_path / name).is_file(), name
+    assert Image.open(tmp_path / "side_by_side.png").size == (128, 64)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["method"] == "cds" and on_disk["lr"] == 0.1 and on_disk["status"] == "done"
+    assert on_disk["source_prompt"] == "a photo of an orange dahlia" and on_disk["seed"] == 0
+    assert on_disk["final"]["cut/total"] > 0 and on_disk["time_s"] > 0
+    resolved = (tmp_path / "config.yaml").read_text()
+    assert "resolution: 64" in resolved and "${" not in resolved
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+@pytest.mark.parametrize("overrides,lr", [(("method=cds",), 0.1), (("method=cpds",), 0.8),
+                                          (("method=pds",), 0.8), (("method=cds", "lr=0.8"), 0.8)])
+def test_lr_is_the_methods_unless_overridden(compose_config, tmp_path, overrides, lr):
+    [summary] = run(compose_config(*FAST, "iterations=1", *overrides), tmp_path)
+    assert summary["lr"] == lr
+
+
+def test_single_image_dataset(compose_config, tmp_path, photo):
+    cfg = compose_config(*FAST, "method=dds", "dataset=single", f"dataset.image={photo}",
+                         "dataset.source_prompt=a cat", "dataset.target_prompt=a dog")
+    [summary] = run(cfg, tmp_path)
+    assert summary["image"] == "cat" and summary["target_prompt"] == "a dog"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("dataset=single", "dataset.image=/nowhere/cat.png", "dataset.source_prompt=a", "dataset.target_prompt=b"),
+     "does not exist"),
+    (("dataset=single", "dataset.source_prompt=a", "dataset.target_prompt=b"), "missing config value(s) dataset.image"),
+    (("dataset.target_prompt= ",), "target prompt is empty"),
+    (("lr=-1",), "lr=-1.0 must be positive"),
+    (("lr=0",), "must be positive"),
+    (("iterations=0",), "iterations=0 must be positive"),
+    (("lr=fast",), "invalid config"),
+    (("method.score=ddpm",), "invalid config"),
+    (("resolution=100",), "multiple of 64"),
+    (("image_prep=stretch",), "invalid config"),
+    (("t_min=900", "t_max=100"), "t_min=900"),
+    (("+selector.temperature=2",), "cannot build cpds_exp.selectors.RandomSelector"),
+    (("cut_layers=[mid_block.nothing]",), "matches no attention layer"),
+])
+def test_bad_input_is_one_line(compose_config, tmp_path, overrides, message):
+    with pytest.raises(CpdsError) as info:
+        run(compose_config(*FAST, *overrides), tmp_path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_image(compose_config, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    with pytest.raises(CpdsError, match="cannot be read as an image"):
+        run(compose_config(*FAST, "dataset=single", f"dataset.image={broken}", "dataset.source_prompt=a",
+                           "dataset.target_prompt=b"), tmp_path / "out")
+
+
+def test_divergence_stops_and_records(compose_config, tmp_path):
+    with pytest.raises(CpdsError, match="NaN/Inf at iteration 1 .* try a smaller lr"):
+        run(compose_config(*FAST, "method=dds", "lr=3e38"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at"] == 1
+    assert not (tmp_path / "result.png").exists()

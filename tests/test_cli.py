@@ -1,0 +1,75 @@
+"""End to end, as a user runs it: `python run.py ...` in a subprocess, with W&B offline."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import OFFLINE_ENV, REPO
+from wandb_offline import read_run
+
+METHODS = ("dds", "pds", "cds", "cpds")
+
+
+def run_py(*args, cwd):
+    env = {**os.environ, **OFFLINE_ENV}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One multirun over the four methods with the W&B logger (offline)."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = run_py("-m", f"method={','.join(METHODS)}", "model=tiny", "logger=wandb", "iterations=4",
+                  "snapshot_every=2", "progress=false", f"hydra.sweep.dir={root}", cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("job,method", list(enumerate(METHODS)))
+def test_every_method_writes_its_outputs(sweep, job, method):
+    out = sweep / str(job)
+    for name in ("source.png", "result.png", "side_by_side.png", "summary.json", "config.yaml",
+                 "snapshots/iter_0002.png"):
+        assert (out / name).is_file(), f"{method}: {name}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["status"] == "done"
+    assert summary["lr"] == {"dds": 0.1, "cds": 0.1, "pds": 0.8, "cpds": 0.8}[method]
+    assert ("cut/total" in summary["final"]) == (method in ("cds", "cpds"))
+
+
+@pytest.mark.parametrize("job,method", list(enumerate(METHODS)))
+def test_offline_wandb_run_holds_the_logged_keys(sweep, job, method):
+    [run_file] = (sweep / str(job) / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = read_run(run_file)
+    assert logged["config"]["method"]["name"] == method
+    assert logged["config"]["lr"] is None and logged["config"]["iterations"] == 4
+    steps = [row for row in logged["history"] if "score/grad_norm" in row]
+    assert [row["iteration"] for row in steps] == [1, 2, 3, 4]
+    keys = set().union(*steps)
+    assert {"t", "score/grad_norm", "time/iteration_s"} <= keys
+    cut_layers = {k for k in keys if k.startswith("cut/up_blocks.")}
+    if method in ("cds", "cpds"):
+        assert "cut/total" in keys and len(cut_layers) == 4
+    else:
+        assert not cut_layers
+    images = set().union(*logged["history"])
+    assert "snapshot/_type" in images and "result/_type" in images
+    assert "final/score/grad_norm" in logged["summary"]
+
+
+def test_bad_image_is_one_line_on_stderr(tmp_path):
+    proc = run_py("model=tiny", "logger=none", "dataset=single", "dataset.image=missing.jpg",
+                  "dataset.source_prompt=a cat", "dataset.target_prompt=a dog", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: image 'missing.jpg' does not exist: check dataset.image"
+
+
+def test_unreachable_model_is_one_line_suggesting_tiny(tmp_path):
+    proc = run_py("logger=none", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load model 'CompVis/stable-diffusion-v1-4'") and "model=tiny" in last
