@@ -13,12 +13,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cpds_exp.config import edit_settings, validate
+from cpds_exp.config import edit_settings, selector_options, selector_training, validate
 from cpds_exp.data import EditItem, prepare_image, to_pil
 from cpds_exp.editor import DivergenceError, EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
 from cpds_exp.models import load_stack
+from cpds_exp.selector_training import summarise_rounds
 from cpds_exp.results import save_image, side_by_side, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,14 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     output_dir = Path(output_dir)
     settings = edit_settings(cfg)
     torch.manual_seed(cfg.seed)
+    training = selector_training(cfg)
+    make_selector = functools.partial(build, selector_options(cfg), seed=cfg.seed)
+    make_selector()  # fail on a bad selector option before loading a model
     items = build(cfg.dataset)
     stack = load_stack(cfg.model.pretrained, cfg.device, cfg.dtype, cfg.model.seed, cfg.model.revision)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    editor = Editor(stack, settings, functools.partial(build, cfg.selector, seed=cfg.seed), build(cfg.optimizer))
+    editor = Editor(stack, settings, make_selector, build(cfg.optimizer), training)
     summaries = []
     for item in tqdm(items, desc="images", disable=len(items) == 1 or not cfg.progress):
         item_dir = output_dir if len(items) == 1 else output_dir / item.name
@@ -74,6 +78,10 @@ def edit_one(editor: Editor, item: EditItem, cfg: DictConfig, out: Path, logger:
     def on_log(metrics: dict[str, float]) -> None:
         logger.log_metrics(metrics, step=int(metrics["iteration"]))
 
+    def on_selector_round(record: dict[str, Any]) -> None:
+        logger.log_metrics({f"selector/{k}": v for k, v in record.items() if v is not None},
+                           step=int(record["iteration"]))
+
     def on_snapshot(iteration: int, decoded: torch.Tensor) -> None:
         image = to_pil(decoded)[0]
         snapshots.append(str(save_image(out / "snapshots" / f"iter_{iteration:04d}.png", image).relative_to(out)))
@@ -88,8 +96,8 @@ def edit_one(editor: Editor, item: EditItem, cfg: DictConfig, out: Path, logger:
     }
     start = time.perf_counter()
     try:
-        latents, final = editor.edit(images, [item.source_prompt], [item.target_prompt],
-                                     EditCallbacks(on_log, on_snapshot))
+        result = editor.edit(images, [item.source_prompt], [item.target_prompt],
+                             EditCallbacks(on_log, on_snapshot, on_selector_round))
     except DivergenceError as err:
         summary.update(status="diverged", diverged_at=err.iteration, snapshots=snapshots,
                        time_s=time.perf_counter() - start)
@@ -97,16 +105,18 @@ def edit_one(editor: Editor, item: EditItem, cfg: DictConfig, out: Path, logger:
         logger.finish(failed=True)
         kept = f"the last good snapshot is {snapshots[-1]}" if snapshots else "no snapshot was reached"
         raise CpdsError(f"{err} of the {item.name} edit (lr={editor.settings.lr}); {kept}; try a smaller lr") from None
-    result = to_pil(editor.decode(latents))[0]
-    comparison = side_by_side(source, result)
-    save_image(out / "result.png", result)
+    edited = to_pil(editor.decode(result.latents))[0]
+    comparison = side_by_side(source, edited)
+    save_image(out / "result.png", edited)
     save_image(out / "side_by_side.png", comparison)
     summary.update(status="done", time_s=time.perf_counter() - start, snapshots=snapshots,
-                   final={k: v for k, v in final.items() if k != "iteration"},
+                   final={k: v for k, v in result.final.items() if k != "iteration"},
+                   selector_rounds=result.selector_rounds, selector_means=summarise_rounds(result.selector_rounds),
                    outputs={"result": "result.png", "side_by_side": "side_by_side.png", "source": "source.png"})
     write_json(out / "summary.json", summary)
     logger.log_images({"result": comparison}, step=cfg.iterations)
-    logger.set_summary({"time_s": summary["time_s"], **{f"final/{k}": v for k, v in summary["final"].items()}})
+    logger.set_summary({"time_s": summary["time_s"], **{f"final/{k}": v for k, v in summary["final"].items()},
+                        **{f"selector_mean/{k}": v for k, v in summary["selector_means"].items() if v is not None}})
     logger.finish()
     log.info("%s: %s -> %s in %.1f s, written to %s", item.name, item.source_prompt, item.target_prompt,
              summary["time_s"], out)

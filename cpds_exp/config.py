@@ -5,7 +5,7 @@ wrong type fails with one line instead of surfacing deep inside the loop.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
 
@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpds_exp.editor import EditSettings
 from cpds_exp.errors import CpdsError
+from cpds_exp.selector_training import SelectorTraining
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
 
@@ -122,3 +123,25 @@ def edit_settings(cfg: DictConfig) -> EditSettings:
         cut_layers=tuple(cfg.cut_layers), seed=cfg.seed, snapshot_every=cfg.snapshot_every,
         log_every=cfg.log_every, progress=cfg.progress,
     )
+
+
+TRAINING_KEYS = tuple(f.name for f in fields(SelectorTraining))
+
+
+def selector_training(cfg: DictConfig) -> SelectorTraining:
+    """The training options of the ``selector`` group (train_every, positive, ...), typed and checked."""
+    values = {k: v for k, v in cfg.selector.items() if k in TRAINING_KEYS}
+    try:
+        training = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SelectorTraining), values))
+    except OmegaConfBaseException as err:
+        raise CpdsError(f"invalid selector option: {_one_line(err)}") from err
+    if training.train_every <= 0:
+        raise CpdsError(f"selector.train_every={training.train_every} must be positive (the paper uses 10)")
+    if not 0 < training.percentile < 100:
+        raise CpdsError(f"selector.percentile={training.percentile} must lie strictly between 0 and 100 (paper: 80)")
+    return training
+
+
+def selector_options(cfg: DictConfig) -> DictConfig:
+    """The ``selector`` group without its training options: what the selector class is built from."""
+    return OmegaConf.create({k: v for k, v in cfg.selector.items() if k not in TRAINING_KEYS})

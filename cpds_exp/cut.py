@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 #: Selects n row indices from (N, C) normalised source features.
 Select = Callable[[torch.Tensor, int], torch.Tensor]
+#: Sees (layer index, (B, N, C) source, (B, N, C) target) pooled, normalised features.
+Observe = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 #: The published PatchNCE temperature and the value written on the diagonal of the negatives.
 TAU = 0.07
@@ -61,32 +63,41 @@ def pool_and_normalise(features: torch.Tensor, patch_size: int, shape: tuple[int
 def cut_losses(
     ref_feats: Sequence[torch.Tensor],
     trg_feats: Sequence[torch.Tensor],
-    select: Select,
+    select: Select | Sequence[Select],
     patch_sizes: Sequence[int] = (1, 2),
     n_patches: int = 256,
     tau: float = TAU,
     spatial_shapes: Sequence[tuple[int, int]] | None = None,
+    observe: Observe | None = None,
 ) -> torch.Tensor:
     """(B, L) losses: per batch element and layer, the sum over patch sizes of the mean PatchNCE.
 
-    ``select`` is called once per batch element, layer and patch size, in that nesting order.
+    ``select`` (one for all layers, or a sequence with one per layer) is called once per batch
+    element, layer and patch size, in that nesting order. ``observe``, if given, sees every
+    layer's pooled, normalised (B, N, C) source and target features once per patch size (the
+    training data of learning selectors).
     """
     if len(ref_feats) != len(trg_feats):
         raise ValueError(f"{len(ref_feats)} reference layers but {len(trg_feats)} target layers")
+    selects = list(select) if isinstance(select, Sequence) else [select] * len(ref_feats)
     shapes = spatial_shapes or [square_shape(f.shape[1]) for f in ref_feats]
     pooled = [
         [(pool_and_normalise(r, p, s), pool_and_normalise(t, p, s)) for p in patch_sizes]
         for r, t, s in zip(ref_feats, trg_feats, shapes)
     ]
+    if observe is not None:
+        for layer, per_size in enumerate(pooled):
+            for ref, trg in per_size:
+                observe(layer, ref, trg.detach())
     batch = ref_feats[0].shape[0]
     per_image = []
     for b in range(batch):
         per_layer = []
-        for layer in pooled:
+        for layer_select, layer in zip(selects, pooled):
             total = 0.0
             for ref, trg in layer:
                 n = min(n_patches, ref.shape[1])
-                idx = select(ref[b], n)
+                idx = layer_select(ref[b], n)
                 total = total + patch_nce(ref[b, idx], trg[b, idx], tau).mean()
             per_layer.append(total)
         per_image.append(torch.stack(per_layer))
@@ -96,7 +107,7 @@ def cut_losses(
 def cut_loss(
     ref_feats: Sequence[torch.Tensor],
     trg_feats: Sequence[torch.Tensor],
-    select: Select,
+    select: Select | Sequence[Select],
     patch_sizes: Sequence[int] = (1, 2),
     n_patches: int = 256,
     tau: float = TAU,

@@ -12,10 +12,11 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from cpds_exp.cut import cut_losses
+from cpds_exp.cut import Select, cut_losses
 from cpds_exp.features import DEFAULT_CUT_LAYERS, FeatureCapture
 from cpds_exp.models import SDStack
 from cpds_exp.scores import add_noise, dds_grad, pds_grad, score_scale
+from cpds_exp.selector_training import SelectorTrainer, SelectorTraining
 from cpds_exp.selectors import PatchSelector
 
 SCORES = ("dds", "pds")
@@ -67,6 +68,7 @@ class IterationStats:
     score_norm: torch.Tensor
     cut_per_layer: torch.Tensor | None
     seconds: float
+    selector_round: dict[str, float | None] | None = None
 
     def to_dict(self, layer_names: Sequence[str]) -> dict[str, float]:
         """Scalars for logging (batch means); this is where the host waits for the device."""
@@ -93,6 +95,16 @@ class EditCallbacks:
 
     on_log: Callable[[dict[str, float]], None] | None = None
     on_snapshot: Callable[[int, torch.Tensor], None] | None = None
+    on_selector_round: Callable[[dict[str, float | None]], None] | None = None
+
+
+@dataclass
+class EditResult:
+    """The edited latents, the last logged statistics and the selector's training rounds."""
+
+    latents: torch.Tensor
+    final: dict[str, float]
+    selector_rounds: list[dict[str, float | None]]
 
 
 @dataclass
@@ -103,17 +115,20 @@ class EditState:
     z_trg: torch.Tensor
     emb: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
-    selector: PatchSelector
+    select: list[Select]
+    trainer: SelectorTrainer | None
 
 
 class Editor:
     """Runs DDS / PDS / CDS / CPDS edits with one SD stack (SPEC §2–3)."""
 
     def __init__(self, stack: SDStack, settings: EditSettings, make_selector: Callable[[], PatchSelector],
-                 make_optimizer: Callable[..., torch.optim.Optimizer]):
+                 make_optimizer: Callable[..., torch.optim.Optimizer],
+                 selector_training: SelectorTraining | None = None):
         self.stack = stack
         self.settings = settings
         self.make_selector = make_selector
+        self.selector_training = selector_training or SelectorTraining()
         self.make_optimizer = make_optimizer
         self.capture = FeatureCapture(stack.unet, settings.cut_layers) if settings.use_cut else None
         self.generator = torch.Generator(stack.device)
@@ -202,19 +217,35 @@ class Editor:
         # 5. the CUT term, through the UNet into z_trg
         cut = None
         if self.capture is not None:
-            cut = cut_losses(pred.ref_feats, pred.trg_feats, state.selector, s.patch_sizes, s.n_patches, s.tau)
+            observe = state.trainer.observe if state.trainer else None
+            cut = cut_losses(pred.ref_feats, pred.trg_feats, state.select, s.patch_sizes, s.n_patches, s.tau,
+                             observe=observe)
             loss = loss + s.w_cut * cut.sum()
         # 6. the optimiser step
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
+        selector_round = state.trainer.after_iteration(iteration) if state.trainer else None
         return IterationStats(iteration, t, scale * g.flatten(1).norm(dim=1), cut,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, selector_round)
+
+    def make_selection(self) -> tuple[list[Select], SelectorTrainer | None]:
+        """One selector per CUT layer (or one shared), wrapped by a trainer when it learns."""
+        if self.capture is None:
+            return [], None
+        if self.selector_training.per_layer:
+            selectors = [self.make_selector() for _ in self.layer_names]
+        else:
+            selectors = [self.make_selector()] * len(self.layer_names)
+        if not selectors[0].learns:
+            return list(selectors), None
+        trainer = SelectorTrainer(selectors, self.selector_training)
+        return trainer.select_functions(), trainer
 
     # --- the loop ---------------------------------------------------------------------------
     def edit(self, images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str],
-             callbacks: EditCallbacks | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Edit (B, 3, H, W) images in [−1, 1]; returns the final latents and the last logged stats.
+             callbacks: EditCallbacks | None = None) -> EditResult:
+        """Edit (B, 3, H, W) images in [−1, 1].
 
         Raises :class:`DivergenceError` when the latent stops being finite.
         """
@@ -225,7 +256,7 @@ class Editor:
                "trg": self.encode_prompts(target_prompts)}
         z_src = self.encode_images(images)
         z_trg = z_src.clone().requires_grad_(True)
-        state = EditState(z_src, z_trg, emb, self.make_optimizer(params=[z_trg], lr=s.lr), self.make_selector())
+        state = EditState(z_src, z_trg, emb, self.make_optimizer(params=[z_trg], lr=s.lr), *self.make_selection())
         last: dict[str, float] = {}
         for it in tqdm(range(1, s.iterations + 1), desc="edit", disable=not s.progress, leave=False):
             stats = self.step(state, it)
@@ -235,6 +266,8 @@ class Editor:
                 last = stats.to_dict(self.layer_names)
                 if callbacks.on_log:
                     callbacks.on_log(last)
+            if stats.selector_round and callbacks.on_selector_round:
+                callbacks.on_selector_round(stats.selector_round)
             if callbacks.on_snapshot and s.snapshot_every and it % s.snapshot_every == 0 and it != s.iterations:
                 callbacks.on_snapshot(it, self.decode(z_trg.detach()))
-        return z_trg.detach(), last
+        return EditResult(z_trg.detach(), last, state.trainer.rounds if state.trainer else [])

@@ -8,8 +8,8 @@ from helpers import make_editor, make_image
 
 def run_edit(stack, prompts=("a cat", "a dog"), **settings):
     editor = make_editor(stack, **settings)
-    latents, last = editor.edit(make_image(), [prompts[0]], [prompts[1]])
-    return editor, latents, last
+    result = editor.edit(make_image(), [prompts[0]], [prompts[1]])
+    return editor, result.latents, result.final
 
 
 @pytest.mark.parametrize("score,use_cut", [("dds", False), ("pds", True)])
@@ -34,8 +34,9 @@ def test_identity_edit_leaves_the_latent_unchanged(tiny_stack, score):
 def test_real_edit_moves_the_latent_and_logs_every_iteration(tiny_stack):
     logs, snaps = [], []
     editor = make_editor(tiny_stack, score="pds", use_cut=True, iterations=6, snapshot_every=2, lr=0.8)
-    latents, last = editor.edit(make_image(), ["a cat"], ["a dog"],
-                                EditCallbacks(on_log=logs.append, on_snapshot=lambda i, img: snaps.append((i, img.shape))))
+    result = editor.edit(make_image(), ["a cat"], ["a dog"],
+                         EditCallbacks(on_log=logs.append, on_snapshot=lambda i, img: snaps.append((i, img.shape))))
+    latents, last = result.latents, result.final
     assert not torch.allclose(latents, editor.encode_images(make_image()))
     assert [m["iteration"] for m in logs] == [1, 2, 3, 4, 5, 6]
     layer_keys = {f"cut/{name}" for name in editor.layer_names}
@@ -56,7 +57,7 @@ def test_batched_rows_get_their_own_timesteps(tiny_stack):
     editor = make_editor(tiny_stack, score="dds", use_cut=True, iterations=2, lr=0.1, n_patches=8)
     images = torch.cat([make_image(0), make_image(1)])
     logged = []
-    latents, _ = editor.edit(images, ["a cat", "a cat"], ["a dog", "a cow"], EditCallbacks(on_log=logged.append))
+    latents = editor.edit(images, ["a cat", "a cat"], ["a dog", "a cow"], EditCallbacks(on_log=logged.append)).latents
     assert latents.shape == (2, 4, 8, 8)
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(50, 950, (2,), generator=gen)

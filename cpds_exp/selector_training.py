@@ -1,0 +1,140 @@
+"""Training learning patch selectors during an edit (SPEC §4).
+
+At every CUT evaluation each position's pooled, normalised source feature is kept with a label
+from its source–target distance d_i = ‖h_src,i − h_trg,i‖. Every ``train_every`` iterations the
+data is first used to score the selector honestly (it has not seen it yet), then to train it,
+then dropped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+
+from cpds_exp.cut import Select
+from cpds_exp.selectors import PatchSelector, pad_features
+
+
+class Positive(str, Enum):
+    """Which positions are the positive class: the paper's text (similar) or the published code (dissimilar)."""
+
+    similar = "similar"
+    dissimilar = "dissimilar"
+
+
+@dataclass
+class SelectorTraining:
+    """How learning selectors are trained; ignored by selectors that do not learn."""
+
+    train_every: int = 10
+    positive: Positive = Positive.similar
+    percentile: float = 80.0
+    per_layer: bool = False
+
+
+def label_positions(distances: torch.Tensor, positive: Positive, percentile: float) -> torch.Tensor:
+    """Boolean labels for (N,) distances, split at their ``percentile``-th percentile.
+
+    ``similar``: below the threshold is positive (the paper: 80% positives);
+    ``dissimilar``: above it is positive (the published code: the top 20%).
+    """
+    threshold = torch.quantile(distances.float(), percentile / 100.0)
+    return distances < threshold if Positive(positive) == Positive.similar else distances > threshold
+
+
+def classification_metrics(probability: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, balanced accuracy (mean of the per-class recalls present) and the positive rate."""
+    predicted, labels = probability >= 0.5, labels.bool().to(probability.device)
+    recalls = [(predicted[cls] == value).float().mean() for cls, value in ((labels, True), (~labels, False))
+               if cls.any()]
+    return {"accuracy": (predicted == labels).float().mean().item(),
+            "balanced_accuracy": torch.stack(recalls).mean().item(),
+            "positive_rate": labels.float().mean().item()}
+
+
+class SelectorTrainer:
+    """Gathers training data from the CUT evaluations and runs the training rounds.
+
+    ``selectors`` has one entry per CUT layer; the same object repeated means one shared selector.
+    """
+
+    def __init__(self, selectors: Sequence[PatchSelector], training: SelectorTraining):
+        self.selectors = list(selectors)
+        self.training = training
+        self._data: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.selectors]
+        self._select_seconds = 0.0
+        self.rounds: list[dict[str, float | None]] = []
+
+    def timed(self, selector: PatchSelector) -> Select:
+        """``selector.select`` that adds its wall time to the current round's selection time."""
+
+        def select(features: torch.Tensor, n: int) -> torch.Tensor:
+            start = time.perf_counter()
+            chosen = selector.select(features, n)
+            self._select_seconds += time.perf_counter() - start
+            return chosen
+
+        return select
+
+    def select_functions(self) -> list[Select]:
+        return [self.timed(selector) for selector in self.selectors]
+
+    def observe(self, layer: int, ref: torch.Tensor, trg: torch.Tensor) -> None:
+        """Keep (B, N, C) source features with labels from the per-position distance, per image."""
+        distances = (ref - trg).norm(dim=-1)
+        for features, row in zip(ref, distances):
+            self._data[layer].append(
+                (features.detach(), label_positions(row, self.training.positive, self.training.percentile)))
+
+    def after_iteration(self, iteration: int) -> dict[str, float | None] | None:
+        """Every ``train_every`` iterations: score, train, drop the data; returns the round's metrics."""
+        if iteration % self.training.train_every:
+            return None
+        groups: dict[int, list[int]] = {}
+        for layer, selector in enumerate(self.selectors):
+            groups.setdefault(id(selector), []).append(layer)
+        measured, losses, train_seconds = [], [], 0.0
+        for layers in groups.values():
+            selector = self.selectors[layers[0]]
+            pairs = [pair for layer in layers for pair in self._data[layer]]
+            if not pairs:
+                continue
+            width = max(features.shape[-1] for features, _ in pairs)
+            features = torch.cat([pad_features(f, width) for f, _ in pairs])
+            labels = torch.cat([lab for _, lab in pairs])
+            if selector.fitted:
+                measured.append(classification_metrics(selector.positive_probability(features), labels))
+            else:
+                measured.append({"positive_rate": labels.float().mean().item()})
+            start = time.perf_counter()
+            loss = selector.fit(features, labels)
+            train_seconds += time.perf_counter() - start
+            if loss is not None:
+                losses.append(loss)
+        self._data = [[] for _ in self.selectors]
+
+        def mean(key: str) -> float | None:
+            values = [m[key] for m in measured if key in m]
+            return sum(values) / len(values) if values else None
+
+        record = {"round": len(self.rounds) + 1, "iteration": iteration,
+                  "loss": sum(losses) / len(losses) if losses else None,
+                  "accuracy": mean("accuracy"), "balanced_accuracy": mean("balanced_accuracy"),
+                  "positive_rate": mean("positive_rate"), "train_time_s": train_seconds,
+                  "select_time_s": self._select_seconds}
+        self._select_seconds = 0.0
+        self.rounds.append(record)
+        return record
+
+
+def summarise_rounds(rounds: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Means over the training rounds of every metric (rounds where it was measured)."""
+    keys = ("loss", "accuracy", "balanced_accuracy", "positive_rate", "train_time_s", "select_time_s")
+    means = {}
+    for key in keys:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return means
