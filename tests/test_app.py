@@ -85,3 +85,43 @@ def test_divergence_stops_and_records(compose_config, tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_at"] == 1
     assert not (tmp_path / "result.png").exists()
+
+
+@pytest.mark.parametrize("method", ["cds", "cpds"])
+@pytest.mark.parametrize("selector", ["random", "meta", "knn", "svm", "rf"])
+def test_every_selector_runs_and_records_its_rounds(compose_config, tmp_path, method, selector):
+    extra = () if selector == "random" else ("selector.train_every=2",)
+    [summary] = run(compose_config(*FAST, "iterations=4", f"method={method}", f"selector={selector}", *extra),
+                    tmp_path)
+    assert summary["selector"] == selector
+    rounds = summary["selector_rounds"]
+    if selector == "random":
+        assert rounds == [] and summary["selector_means"]["accuracy"] is None
+        return
+    assert [r["iteration"] for r in rounds] == [2, 4]
+    assert rounds[0]["accuracy"] is None  # nothing to measure before the first fit
+    assert 0 <= rounds[1]["accuracy"] <= 1 and 0 <= rounds[1]["balanced_accuracy"] <= 1
+    assert 0.6 < rounds[1]["positive_rate"] <= 0.8  # 'similar': below the 80th percentile
+    assert all(r["train_time_s"] > 0 and r["select_time_s"] > 0 for r in rounds)
+    assert summary["selector_means"]["accuracy"] == rounds[1]["accuracy"]
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["selector_rounds"] == json.loads(json.dumps(rounds))
+
+
+def test_dissimilar_labels_and_per_layer_selectors(compose_config, tmp_path):
+    [summary] = run(compose_config(*FAST, "iterations=2", "method=cds", "selector=meta", "selector.train_every=1",
+                                   "selector.positive=dissimilar", "selector.per_layer=true"), tmp_path)
+    assert all(r["positive_rate"] < 0.35 for r in summary["selector_rounds"])  # the top 20%
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (("selector=meta", "selector.percentile=120"), "selector.percentile=120"),
+    (("selector=meta", "selector.positive=maybe"), "invalid selector option"),
+    (("selector=knn", "selector.train_every=0"), "selector.train_every=0"),
+    (("selector=svm", "selector.kernel=curvy"), "bad selector option for SVC"),
+    (("selector=meta", "+selector.dropout=0.5"), "cannot build cpds_exp.selectors.MLPSelector"),
+])
+def test_bad_selector_options_are_one_line(compose_config, tmp_path, overrides, message):
+    with pytest.raises(CpdsError) as info:
+        run(compose_config(*FAST, "method=cds", *overrides), tmp_path)
+    assert message in str(info.value) and "\n" not in str(info.value)

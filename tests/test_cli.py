@@ -23,7 +23,8 @@ def sweep(tmp_path_factory):
     """One multirun over the four methods with the W&B logger (offline)."""
     root = tmp_path_factory.mktemp("sweep")
     proc = run_py("-m", f"method={','.join(METHODS)}", "model=tiny", "logger=wandb", "iterations=4",
-                  "snapshot_every=2", "progress=false", f"hydra.sweep.dir={root}", cwd=root)
+                  "snapshot_every=2", "selector=meta", "selector.train_every=2", "progress=false",
+                  f"hydra.sweep.dir={root}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
@@ -51,12 +52,17 @@ def test_offline_wandb_run_holds_the_logged_keys(sweep, job, method):
     keys = set().union(*steps)
     assert {"t", "score/grad_norm", "time/iteration_s"} <= keys
     cut_layers = {k for k in keys if k.startswith("cut/up_blocks.")}
+    selector_keys = {"selector/loss", "selector/positive_rate", "selector/train_time_s", "selector/select_time_s",
+                     "selector/accuracy", "selector/balanced_accuracy"}
+    every_key = set().union(*logged["history"])
     if method in ("cds", "cpds"):
         assert "cut/total" in keys and len(cut_layers) == 4
+        assert selector_keys <= every_key
+        assert [row["selector/round"] for row in logged["history"] if "selector/round" in row] == [1, 2]
+        assert "selector_mean/accuracy" in logged["summary"]
     else:
-        assert not cut_layers
-    images = set().union(*logged["history"])
-    assert "snapshot/_type" in images and "result/_type" in images
+        assert not cut_layers and not selector_keys & every_key
+    assert "snapshot/_type" in every_key and "result/_type" in every_key
     assert "final/score/grad_norm" in logged["summary"]
 
 
