@@ -110,8 +110,10 @@ def cut_loss(
     select: Select | Sequence[Select],
     patch_sizes: Sequence[int] = (1, 2),
     n_patches: int = 256,
-    tau: float = TAU,
-    spatial_shapes: Sequence[tuple[int, int]] | None = None,
+    **options,
 ) -> torch.Tensor:
-    """Scalar CUT loss: sum over batch elements, layers and patch sizes of the mean PatchNCE."""
-    return cut_losses(ref_feats, trg_feats, select, patch_sizes, n_patches, tau, spatial_shapes).sum()
+    """Scalar CUT loss: the sum over batch elements, layers and patch sizes of the mean PatchNCE.
+
+    ``options`` are :func:`cut_losses`'s (tau, spatial_shapes, observe).
+    """
+    return cut_losses(ref_feats, trg_feats, select, patch_sizes, n_patches, **options).sum()
