@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpds_exp.editor import EditSettings
 from cpds_exp.errors import CpdsError
+from cpds_exp.metrics import MetricsConfig
 from cpds_exp.selector_training import SelectorTraining
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
@@ -37,6 +38,18 @@ class MethodConfig:
     score: Score
     cut: bool
     lr: float
+    lambda_weighting: bool = False  # multiply the score gradient by PDS's λ(t) (matched-step CDS)
+    score_weight: float = 1.0       # multiplies w_dds
+    cut_weight: float = 1.0         # multiplies w_cut
+
+
+@dataclass
+class TaskConfig:
+    """A named prompt pair for datasets that take their prompts from the task (cats, folder)."""
+
+    name: str
+    source_prompt: str
+    target_prompt: str
 
 
 @dataclass
@@ -58,6 +71,10 @@ class AppConfig:
     optimizer: Any
     dataset: Any
     logger: Any
+    task: TaskConfig
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sweep_name: Optional[str] = None
+    force: bool = False
     seed: int = 0
     lr: Optional[float] = None
     iterations: int = 200
@@ -116,7 +133,8 @@ def validate(cfg: DictConfig) -> DictConfig:
 def edit_settings(cfg: DictConfig) -> EditSettings:
     """The editor's settings from a validated config (lr: the override, else the method's)."""
     return EditSettings(
-        score=cfg.method.score.value, use_cut=cfg.method.cut,
+        score=cfg.method.score.value, use_cut=cfg.method.cut, lambda_weighting=cfg.method.lambda_weighting,
+        score_weight=cfg.method.score_weight, cut_weight=cfg.method.cut_weight,
         lr=cfg.lr if cfg.lr is not None else cfg.method.lr, iterations=cfg.iterations,
         guidance_scale=cfg.guidance_scale, w_dds=cfg.w_dds, w_cut=cfg.w_cut, n_patches=cfg.n_patches,
         patch_sizes=tuple(cfg.patch_sizes), tau=cfg.tau, t_min=cfg.t_min, t_max=cfg.t_max,

@@ -18,12 +18,18 @@ PREP_MODES = ("resize", "center_crop")
 
 @dataclass
 class EditItem:
-    """One edit: a source image and the prompt pair that describes it before and after."""
+    """One edit: a source image (in memory or a file read on demand) and its prompt pair."""
 
     name: str
-    image: Image.Image
     source_prompt: str
     target_prompt: str
+    task: str | None = None
+    path: Path | None = None
+    image: Image.Image | None = None
+
+    def load(self) -> Image.Image:
+        """The image as RGB; a file that cannot be read raises :class:`CpdsError`."""
+        return self.image if self.image is not None else load_image(self.path)
 
 
 def check_prompt(prompt: str | None, which: str) -> str:
@@ -70,10 +76,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.astype(np.uint8)) for a in array]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def single(image: str, source_prompt: str, target_prompt: str) -> list[EditItem]:
     """One image file and its prompt pair."""
-    return [EditItem(Path(image).stem, load_image(image), check_prompt(source_prompt, "source"),
-                     check_prompt(target_prompt, "target"))]
+    item = EditItem(Path(image).stem, check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target"),
+                    path=Path(image))
+    item.image = item.load()  # a single edit fails at once on a bad file
+    return [item]
 
 
 def sample(source_prompt: str, target_prompt: str) -> list[EditItem]:
@@ -81,4 +92,68 @@ def sample(source_prompt: str, target_prompt: str) -> list[EditItem]:
     from sklearn.datasets import load_sample_image
 
     image = Image.fromarray(load_sample_image("flower.jpg"))
-    return [EditItem("dahlia", image, check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target"))]
+    return [EditItem("dahlia", check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target"),
+                     image=image)]
+
+
+def folder(path: str, source_prompt: str, target_prompt: str, task: str | None = None,
+           limit: int | None = None) -> list[EditItem]:
+    """Every image in a directory (sorted by name), all with one prompt pair."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CpdsError(f"dataset folder {str(root)!r} does not exist: set dataset.path=/path/to/images")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    if not files:
+        raise CpdsError(f"dataset folder {str(root)!r} has no images ({', '.join(IMAGE_SUFFIXES)}): "
+                        "point dataset.path at a folder of photos")
+    stems = [f.stem for f in files]
+    source, target = check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target")
+    items = [EditItem(f.stem if stems.count(f.stem) == 1 else f.name, source, target, task, path=f) for f in files]
+    return items[:limit] if limit else items
+
+
+MANIFEST_COLUMNS = ("image", "source_prompt", "target_prompt")
+
+
+def _manifest_rows(path: Path) -> list[dict]:
+    import csv
+    import json
+
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise CpdsError(f"manifest {str(path)!r} line {number} is not JSON ({err.msg})") from err
+        return rows
+    raise CpdsError(f"manifest {str(path)!r} must be a .csv or .jsonl file")
+
+
+def manifest(path: str, task: str | None = None, limit: int | None = None) -> list[EditItem]:
+    """Rows of (image, source_prompt, target_prompt[, name]) from a CSV or JSONL file; image paths
+    are relative to the manifest's folder."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CpdsError(f"manifest {str(file)!r} does not exist: set dataset.path=/path/to/manifest.csv")
+    rows = _manifest_rows(file)
+    if not rows:
+        raise CpdsError(f"manifest {str(file)!r} has no rows")
+    missing = [c for c in MANIFEST_COLUMNS if c not in rows[0]]
+    if missing:
+        raise CpdsError(f"manifest {str(file)!r} lacks column(s) {', '.join(missing)} "
+                        f"(it has {', '.join(rows[0])}); it needs {', '.join(MANIFEST_COLUMNS)}")
+    items = []
+    for index, row in enumerate(rows):
+        image = file.parent / str(row["image"])
+        name = str(row.get("name") or f"{index:05d}_{image.stem}")
+        try:
+            items.append(EditItem(name, check_prompt(row["source_prompt"], "source"),
+                                  check_prompt(row["target_prompt"], "target"), row.get("task", task), path=image))
+        except CpdsError as err:
+            raise CpdsError(f"manifest {str(file)!r} row {index + 1}: {err}") from None
+    return items[:limit] if limit else items

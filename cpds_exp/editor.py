@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from cpds_exp.cut import Select, cut_losses
 from cpds_exp.features import DEFAULT_CUT_LAYERS, FeatureCapture
 from cpds_exp.models import SDStack
-from cpds_exp.scores import add_noise, dds_grad, pds_grad, score_scale
+from cpds_exp.scores import add_noise, dds_grad, pds_dds_ratio, pds_grad, score_scale
 from cpds_exp.selector_training import SelectorTrainer, SelectorTraining
 from cpds_exp.selectors import PatchSelector
 
@@ -28,6 +28,9 @@ class EditSettings:
 
     score: str = "dds"
     use_cut: bool = True
+    lambda_weighting: bool = False
+    score_weight: float = 1.0
+    cut_weight: float = 1.0
     lr: float = 0.1
     iterations: int = 200
     guidance_scale: float = 7.5
@@ -132,6 +135,8 @@ class Editor:
         self.make_optimizer = make_optimizer
         self.capture = FeatureCapture(stack.unet, settings.cut_layers) if settings.use_cut else None
         self.generator = torch.Generator(stack.device)
+        # PDS's ε′ has its own stream, so every method draws the same t and ε for a seed
+        self.posterior_generator = torch.Generator(stack.device)
 
     # --- encoding and decoding -------------------------------------------------------------
     @torch.no_grad()
@@ -193,7 +198,7 @@ class Editor:
         """Step 4: g of DDS, or of PDS with a second noise ε′ shared by source and target."""
         if self.settings.score == "dds":
             return dds_grad(pred.eps_src, pred.eps_trg)
-        noise_prev = torch.randn(z_src.shape, generator=self.generator, device=z_src.device)
+        noise_prev = torch.randn(z_src.shape, generator=self.posterior_generator, device=z_src.device)
         return pds_grad(z_src, z_trg.detach(), noise, noise_prev, pred.eps_src, pred.eps_trg, t, t - 1,
                         self.stack.scheduler)
 
@@ -212,7 +217,9 @@ class Editor:
         pred = self.predict(zt_src, zt_trg, t, state.emb)
         # 4. the score-distillation gradient, applied as d/dz_trg of scale * w_dds * sum(z_trg * g)
         g = self.score_gradient(z_src, z_trg, noise, t, pred)
-        scale = score_scale(*z_trg.shape[-2:]) * s.w_dds
+        if s.lambda_weighting:
+            g = g * pds_dds_ratio(t, t - 1, self.stack.scheduler).to(g).view(-1, 1, 1, 1)
+        scale = score_scale(*z_trg.shape[-2:]) * s.w_dds * s.score_weight
         loss = scale * (z_trg * g.detach()).sum()
         # 5. the CUT term, through the UNet into z_trg
         cut = None
@@ -220,7 +227,7 @@ class Editor:
             observe = state.trainer.observe if state.trainer else None
             cut = cut_losses(pred.ref_feats, pred.trg_feats, state.select, s.patch_sizes, s.n_patches, s.tau,
                              observe=observe)
-            loss = loss + s.w_cut * cut.sum()
+            loss = loss + s.w_cut * s.cut_weight * cut.sum()
         # 6. the optimiser step
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,7 +257,8 @@ class Editor:
         Raises :class:`DivergenceError` when the latent stops being finite.
         """
         s, callbacks = self.settings, callbacks or EditCallbacks()
-        self.generator.manual_seed(s.seed)
+        self.generator.manual_seed(2 * s.seed)
+        self.posterior_generator.manual_seed(2 * s.seed + 1)
         batch = images.shape[0]
         emb = {"uncond": self.encode_prompts([""] * batch), "src": self.encode_prompts(source_prompts),
                "trg": self.encode_prompts(target_prompts)}

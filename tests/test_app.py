@@ -7,7 +7,7 @@ from PIL import Image
 from cpds_exp.app import run
 from cpds_exp.errors import CpdsError
 
-FAST = ("model=tiny", "logger=none", "iterations=3", "progress=false", "n_patches=16")
+FAST = ("model=tiny", "metrics=random", "logger=none", "iterations=3", "progress=false", "n_patches=16")
 
 
 @pytest.fixture

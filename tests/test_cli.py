@@ -22,7 +22,7 @@ def run_py(*args, cwd):
 def sweep(tmp_path_factory):
     """One multirun over the four methods with the W&B logger (offline)."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = run_py("-m", f"method={','.join(METHODS)}", "model=tiny", "logger=wandb", "iterations=4",
+    proc = run_py("-m", f"method={','.join(METHODS)}", "model=tiny", "metrics=random", "logger=wandb", "iterations=4",
                   "snapshot_every=2", "selector=meta", "selector.train_every=2", "progress=false",
                   f"hydra.sweep.dir={root}", cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_offline_wandb_run_holds_the_logged_keys(sweep, job, method):
 
 
 def test_bad_image_is_one_line_on_stderr(tmp_path):
-    proc = run_py("model=tiny", "logger=none", "dataset=single", "dataset.image=missing.jpg",
+    proc = run_py("model=tiny", "metrics=random", "logger=none", "dataset=single", "dataset.image=missing.jpg",
                   "dataset.source_prompt=a cat", "dataset.target_prompt=a dog", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
