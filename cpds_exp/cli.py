@@ -8,11 +8,15 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cpds_exp.errors import CpdsError
 
 log = logging.getLogger("cpds_exp")
+
+# `${or_default:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
+OmegaConf.register_new_resolver("or_default", lambda value, default: default if value is None else value,
+                                replace=True)
 
 #: conf/ beside the package (an editable install or a checkout); Hydra takes an absolute path.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -1,0 +1,55 @@
+"""Tables, grids and plots of a sweep, optionally on W&B.
+
+    python scripts/report.py outputs/sweeps/table1 --paper            # report/ beside the jobs
+    python scripts/report.py outputs/sweeps/table2 --rows selector --wandb
+    python scripts/report.py outputs/sweeps/table1 --dashboard --entity me   # needs `wandb login`
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cpds_exp.loggers import has_wandb_credentials
+from cpds_exp.report import build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--rows", help="record field for the rows (default: method, selector or lr, whichever varies)")
+    parser.add_argument("--columns", default="task", help="record field for the columns (default: task)")
+    parser.add_argument("--paper", action="store_true", help="put the paper's numbers beside ours")
+    parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/report)")
+    parser.add_argument("--wandb", action="store_true", help="log the tables and grids to W&B, in the sweep's group")
+    parser.add_argument("--dashboard", action="store_true", help="save a W&B report for the sweep (online)")
+    parser.add_argument("--project", default="cpds-exp")
+    parser.add_argument("--entity", default=None)
+    parser.add_argument("--mode", default="auto", help="W&B mode: auto, online, offline, disabled")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.sweep_dir, args.rows, args.columns, args.paper, args.out)
+    except FileNotFoundError as err:
+        print(f"error: {err}: run a sweep first (python run.py +experiment=table1 ...)", file=sys.stderr)
+        return 2
+    print(report["markdown"])
+    print(f"{report['counts']} edits; written to {report['out']}")
+    sweep_name = next((r["sweep_name"] for r in report["records"] if r.get("sweep_name")), args.sweep_dir.name)
+    if args.wandb:
+        from cpds_exp.wandb_report import log_report
+
+        print(f"W&B run {log_report(report, sweep_name, args.project, args.entity, args.mode, str(report['out']))}")
+    if args.dashboard:
+        if not has_wandb_credentials():
+            print("error: --dashboard needs W&B credentials: run `wandb login` first", file=sys.stderr)
+            return 2
+        from cpds_exp.wandb_report import build_dashboard
+
+        dashboard = build_dashboard(sweep_name, args.project, args.entity or "", by=report["rows"])
+        dashboard.save()
+        print(f"dashboard: {dashboard.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
