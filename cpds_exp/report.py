@@ -104,7 +104,7 @@ def attach_paper(table: list[dict[str, Any]], rows: str, columns: str = "task") 
 def _fmt(mean: float | None, sem: float | None = None) -> str:
     if mean is None:
         return "–"
-    return f"{mean:.4f} ± {sem:.4f}" if sem is not None else f"{mean:.5f}"
+    return f"{mean:.4f} ± {sem:.4f}" if sem is not None else f"{mean:.6g}"
 
 
 def to_markdown(table: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:

@@ -42,7 +42,8 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
                          wr.P(f"Edits of the sweep '{sweep_name}', grouped by {by}. CLIP ↑, LPIPS ↓ (mean ± s.e.).")]
     for task in tasks:
         runset = wr.Runset(entity=entity, project=project, name=task, groupby=[group_key],
-                           filters=[expr.Config("sweep_name") == sweep_name, expr.Config("task.name") == task])
+                           filters=expr.And(expr.Config("sweep_name") == sweep_name,
+                                                    expr.Config("task.name") == task))
         blocks += [wr.H2(task), wr.PanelGrid(runsets=[runset], panels=[
             wr.BarPlot(title=f"{task}: CLIP score", metrics=["metrics/clip"], groupby=group_key,
                        groupby_aggfunc="mean", groupby_rangefunc="stderr"),
@@ -55,7 +56,7 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
             wr.MediaBrowser(title="source | result", media_keys=["result"]),
         ])]
     report_runs = wr.Runset(entity=entity, project=project, name="report",
-                            filters=[expr.Config("sweep_name") == sweep_name])
+                            filters=expr.And(expr.Config("sweep_name") == sweep_name))
     blocks += [wr.H2("Tables and comparison grids"),
                wr.PanelGrid(runsets=[report_runs], panels=[wr.MediaBrowser(title="grids", media_keys=["grid"])])]
     return wr.Report(project=project, entity=entity, title=f"cpds-exp {sweep_name}", blocks=blocks)

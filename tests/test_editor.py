@@ -62,3 +62,15 @@ def test_batched_rows_get_their_own_timesteps(tiny_stack):
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(50, 950, (2,), generator=gen)
     assert t[0] != t[1] and logged[0]["t"] == pytest.approx(t.float().mean().item())
+
+
+def test_matched_step_cds_takes_cpds_steps(tiny_stack):
+    """SPEC §2: CPDS at lr 0.8 = CDS at lr 0.1 with the DDS term × 8·λ(t) and w_cut × 8."""
+    _, cpds, _ = run_edit(tiny_stack, score="pds", use_cut=True, iterations=5, lr=0.8, n_patches=16)
+    _, matched, _ = run_edit(tiny_stack, score="dds", use_cut=True, iterations=5, lr=0.1, n_patches=16,
+                             lambda_weighting=True, score_weight=8.0, cut_weight=8.0)
+    editor, plain_cds, _ = run_edit(tiny_stack, score="dds", use_cut=True, iterations=5, lr=0.1, n_patches=16)
+    moved = (cpds - editor.encode_images(make_image())).abs().max()
+    # equal up to float32 rounding of PDS's general form (its z-terms cancel only numerically)
+    assert (cpds - matched).abs().max() < 1e-3 * moved
+    assert (cpds - plain_cds).abs().max() > 0.1 * moved

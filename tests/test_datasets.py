@@ -1,0 +1,99 @@
+"""Datasets (folder, manifest), bad input among good, and resume without repeating an edit."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpds_exp.app import run
+from cpds_exp.data import folder, manifest
+from cpds_exp.errors import CpdsError
+
+FAST = ("model=tiny", "metrics=random", "logger=none", "iterations=2", "progress=false", "n_patches=8")
+
+
+def make_photos(root, count=3, size=(40, 56)):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        array = (np.random.RandomState(i).rand(*size, 3) * 255).astype("uint8")
+        Image.fromarray(array).save(root / f"cat{i}.png")
+    return root
+
+
+def test_folder_lists_images_sorted_with_the_prompt_pair(tmp_path):
+    make_photos(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    items = folder(str(tmp_path), "a cat", "a dog", task="cat2dog")
+    assert [i.name for i in items] == ["cat0", "cat1", "cat2"]
+    assert {(i.source_prompt, i.target_prompt, i.task) for i in items} == {("a cat", "a dog", "cat2dog")}
+    assert items[0].load().size == (56, 40)
+    assert len(folder(str(tmp_path), "a cat", "a dog", limit=2)) == 2
+
+
+def test_empty_or_missing_folder_is_one_line(tmp_path):
+    with pytest.raises(CpdsError, match="has no images"):
+        folder(str(tmp_path), "a cat", "a dog")
+    with pytest.raises(CpdsError, match="does not exist"):
+        folder(str(tmp_path / "nope"), "a cat", "a dog")
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_rows(tmp_path, kind):
+    make_photos(tmp_path / "img", count=2)
+    rows = [("img/cat0.png", "a cat", "a dog"), ("img/cat1.png", "a cat", "a fox")]
+    if kind == "csv":
+        text = "image,source_prompt,target_prompt\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows)
+    else:
+        text = "".join(json.dumps(dict(image=a, source_prompt=b, target_prompt=c)) + "\n" for a, b, c in rows)
+    path = tmp_path / f"edits.{kind}"
+    path.write_text(text)
+    items = manifest(str(path))
+    assert [(i.name, i.target_prompt) for i in items] == [("00000_cat0", "a dog"), ("00001_cat1", "a fox")]
+    assert items[1].load().size == (56, 40)
+
+
+def test_manifest_missing_column_and_empty_prompt(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,prompt\ncat.png,a cat\n")
+    with pytest.raises(CpdsError, match="lacks column.*source_prompt, target_prompt"):
+        manifest(str(bad))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image,source_prompt,target_prompt\ncat.png,a cat, \n")
+    with pytest.raises(CpdsError, match="row 1: the target prompt is empty"):
+        manifest(str(empty))
+
+
+def test_dataset_run_skips_and_records_an_unreadable_image(compose_config, tmp_path):
+    photos = make_photos(tmp_path / "cats", count=2)
+    (photos / "broken.png").write_text("not a png")
+    records = run(compose_config(*FAST, "method=dds", "dataset=cats", f"dataset.path={photos}"), tmp_path / "out")
+    status = {r["image"]: r["status"] for r in records}
+    assert status == {"broken": "skipped", "cat0": "done", "cat1": "done"}
+    skipped = json.loads((tmp_path / "out/edits/broken/summary.json").read_text())
+    assert "cannot be read as an image" in skipped["reason"]
+    done = json.loads((tmp_path / "out/edits/cat0/summary.json").read_text())
+    for key in ("image", "source_prompt", "target_prompt", "method", "selector", "lr", "seed", "clip", "lpips",
+                "time_s", "selector_accuracy", "task"):
+        assert key in done, key
+    assert done["task"] == "cat2dog" and done["target_prompt"] == "a dog"
+
+
+def test_rerun_resumes_and_force_recomputes(compose_config, tmp_path):
+    photos = make_photos(tmp_path / "cats", count=2)
+    overrides = (*FAST, "method=cds", "dataset=cats", f"dataset.path={photos}", "task=cat2pig")
+    out = tmp_path / "out"
+    first = run(compose_config(*overrides), out)
+    results = [out / "edits" / name / "result.png" for name in ("cat0", "cat1")]
+    stamps = [os.stat(p).st_mtime_ns for p in results]
+    # an edit interrupted before its record was written is redone; the finished one is not
+    (out / "edits/cat1/summary.json").unlink()
+    second = run(compose_config(*overrides), out)
+    assert os.stat(results[0]).st_mtime_ns == stamps[0]
+    assert os.stat(results[1]).st_mtime_ns != stamps[1]
+    assert [r["fingerprint"] for r in second] == [r["fingerprint"] for r in first]
+    # a setting that changes the edit does not reuse it; force recomputes everything
+    changed = run(compose_config(*overrides, "lr=0.05"), out)
+    assert all(r["lr"] == 0.05 for r in changed)
+    run(compose_config(*overrides, "lr=0.05", "force=true"), out)
+    assert os.stat(results[0]).st_mtime_ns != stamps[0]

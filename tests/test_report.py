@@ -1,0 +1,100 @@
+"""The report tool: statistics by hand, the paper's numbers, W&B tables, the dashboard."""
+import json
+import math
+import runpy
+import sys
+
+import pytest
+from PIL import Image
+
+from cpds_exp.report import attach_paper, build_report, infer_rows, mean_and_sem, summarise, to_markdown
+from cpds_exp.wandb_report import build_dashboard, log_report
+from wandb_offline import read_run
+
+
+def write_records(root, rows):
+    """Fake sweep: one folder per record with a summary.json and source/result images."""
+    for i, row in enumerate(rows):
+        folder = root / f"job{i % 3}" / "edits" / f"{row['image']}-{i}"
+        folder.mkdir(parents=True)
+        record = {"fingerprint": f"f{i}", "status": "done", "sweep_name": "fake", **row}
+        (folder / "summary.json").write_text(json.dumps(record))
+        for name in ("source", "result"):
+            Image.new("RGB", (16, 16), (i * 20 % 255, 0, 0)).save(folder / f"{name}.png")
+
+
+def test_mean_and_standard_error_by_hand():
+    mean, sem = mean_and_sem([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    assert sem == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3))
+    assert mean_and_sem([0.5]) == (0.5, 0.0)
+
+
+def test_summarise_groups_cells_and_ignores_unfinished(tmp_path):
+    rows = [dict(image="a", method="cds", task="cat2dog", clip=0.2, lpips=0.1),
+            dict(image="b", method="cds", task="cat2dog", clip=0.3, lpips=0.3),
+            dict(image="a", method="dds", task="cat2dog", clip=0.25, lpips=0.2)]
+    write_records(tmp_path, rows)
+    (tmp_path / "job0/edits/skipped").mkdir()
+    (tmp_path / "job0/edits/skipped/summary.json").write_text(json.dumps(
+        {"fingerprint": "x", "status": "skipped", "method": "cds", "task": "cat2dog", "image": "c"}))
+    from cpds_exp.report import load_records
+
+    records = load_records(tmp_path)
+    assert len(records) == 4 and infer_rows(records) == "method"
+    table = attach_paper(summarise(records, "method"), "method")
+    assert [(e["method"], e["n"]) for e in table] == [("dds", 1), ("cds", 2)]  # the paper's order
+    cds = table[1]
+    assert cds["clip"] == pytest.approx(0.25) and cds["lpips_sem"] == pytest.approx(0.1)
+    assert cds["paper_clip"] == 0.24966 and cds["paper_lpips"] == 0.05371
+    markdown = to_markdown(table, "method")
+    assert "| cds | 0.2500 ± 0.0500 | 0.2000 ± 0.1000 | 0.24966 | 0.05371 | 2 |" in markdown
+
+
+def test_build_report_writes_tables_grids_and_accuracy_plot(tmp_path):
+    rounds = [{"round": 1, "accuracy": None, "balanced_accuracy": None, "positive_rate": 0.8},
+              {"round": 2, "accuracy": 0.7, "balanced_accuracy": 0.6, "positive_rate": 0.8}]
+    rows = [dict(image=img, method="cds", selector=sel, task="cat2pig", clip=0.2, lpips=0.1, selector_rounds=rounds)
+            for img in ("a", "b") for sel in ("random", "meta", "knn")]
+    write_records(tmp_path, rows)
+    report = build_report(tmp_path, paper=True)
+    assert report["rows"] == "selector"
+    out = tmp_path / "report"
+    assert (out / "table.md").read_text().startswith("| selector |")
+    assert "| random | 0.2000 ± 0.0000 | 0.1000 ± 0.0000 | 0.247089 | 0.0895743 | 2 |" in (out / "table.md").read_text()
+    assert (out / "table.csv").read_text().splitlines()[0].startswith("selector,task,n,clip")
+    grid = Image.open(out / "grids/cat2pig.png")
+    assert grid.size == (110 + 4 * 192, 22 + 2 * 192)  # source + 3 selectors, 2 images
+    assert Image.open(out / "accuracy.png").size[0] > 100
+
+
+def test_report_goes_to_wandb_as_a_table(tmp_path):
+    write_records(tmp_path, [dict(image="a", method=m, task="cat2dog", clip=0.2, lpips=0.1) for m in ("dds", "cds")])
+    report = build_report(tmp_path)
+    log_report(report, "fake", mode="offline", run_dir=str(tmp_path))
+    [run_file] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    logged = read_run(run_file)
+    keys = set().union(*logged["history"])
+    assert "table/_type" in keys and "grid/cat2dog/_type" in keys
+    assert logged["config"]["sweep_name"] == "fake"
+
+
+def test_dashboard_is_built_offline():
+    dashboard = build_dashboard("table1", project="cpds-exp", entity="someone")
+    titles = [getattr(b, "text", None) for b in dashboard.blocks]
+    assert "cat2pig" in titles and dashboard.title == "cpds-exp table1"
+    grids = [b for b in dashboard.blocks if type(b).__name__ == "PanelGrid"]
+    assert len(grids) == 4
+    assert [p.title for p in grids[0].panels][:2] == ["cat2dog: CLIP score", "cat2dog: LPIPS"]
+
+
+def test_report_script(tmp_path, capsys, monkeypatch):
+    script = str(__import__("conftest").REPO / "scripts" / "report.py")
+    monkeypatch.setattr(sys, "argv", ["report.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(script, run_name="__main__")
+    assert info.value.code == 2 and "no edit records" in capsys.readouterr().err
+    write_records(tmp_path, [dict(image="a", method="cpds", task="cat2cow", clip=0.2, lpips=0.1)])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(script, run_name="__main__")
+    assert info.value.code == 0 and "| cpds |" in capsys.readouterr().out
