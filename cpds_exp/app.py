@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from cpds_exp.config import edit_settings, selector_options, selector_training, validate
 from cpds_exp.data import EditItem, prepare_image, to_pil
-from cpds_exp.editor import DivergenceError, EditCallbacks, Editor
+from cpds_exp.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
 from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
@@ -50,7 +52,8 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 
 #: Config keys that do not change an edit's outcome: a finished edit is reused across them.
-NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device")
+NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
+                     "batch_size", "compile", "compile_mode", "channels_last", "gradient_checkpointing")
 
 
 def edit_fingerprint(resolved: dict[str, Any], item: EditItem) -> str:
@@ -106,30 +109,50 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     stack = load_stack(cfg.model.pretrained, cfg.device, cfg.dtype, cfg.model.seed, cfg.model.revision)
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(stack.device))
     editor = Editor(stack, settings, make_selector, build(cfg.optimizer), training)
-    for item, out, fingerprint in tqdm(todo, desc="images", disable=not many or not cfg.progress):
-        record = base_record(cfg, editor, item, fingerprint)
-        try:
-            image = item.load()
-        except CpdsError as err:
-            if not many:
-                raise
-            log.warning("skipping %s: %s", item.name, err)
-            record.update(status="skipped", reason=str(err))
-            write_json(out / "summary.json", record)
-            records.append(record)
-            continue
-        logger = build(cfg.logger, run_config=resolved, run_dir=str(out), run_name=f"{cfg.method.name}-{item.name}")
-        record = edit_one(editor, metrics, image, item, cfg, out, logger, record)
+    with tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
+        for first in range(0, len(todo), cfg.batch_size):
+            batch = todo[first: first + cfg.batch_size]
+            rows = []
+            for item, out, fingerprint in batch:
+                record = base_record(cfg, editor, item, fingerprint)
+                try:
+                    rows.append(PendingEdit(item, out, record, item.load()))
+                except CpdsError as err:
+                    if not many:
+                        raise
+                    log.warning("skipping %s: %s", item.name, err)
+                    record.update(status="skipped", reason=str(err))
+                    write_json(out / "summary.json", record)
+                    records.append(record)
+            if rows:
+                records += edit_batch(editor, metrics, rows, cfg, resolved)
+            bar.update(len(batch))
+    for record in records:
         if record["status"] == "diverged":
             snapshots = record["snapshots"]
             kept = f"the last good snapshot is {snapshots[-1]}" if snapshots else "no snapshot was reached"
-            message = (f"the latent became NaN/Inf at iteration {record['diverged_at']} of the {item.name} edit "
-                       f"(lr={record['lr']}); {kept}; try a smaller lr")
+            message = (f"the latent became NaN/Inf at iteration {record['diverged_at']} of the {record['image']} "
+                       f"edit (lr={record['lr']}); {kept}; try a smaller lr")
             if not many:
                 raise CpdsError(message)
             log.warning(message)
-        records.append(record)
     return records
+
+
+@dataclass
+class PendingEdit:
+    """An edit about to run: its item, output folder, record so far and loaded image."""
+
+    item: EditItem
+    out: Path
+    record: dict[str, Any]
+    image: Image.Image
+
+
+def edit_seed(seed: int, name: str) -> int:
+    """The seed of one edit: the run's seed and the image's name, so an edit's randomness does
+    not depend on which other edits share its batch."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
 
 
 def base_record(cfg: DictConfig, editor: Editor, item: EditItem, fingerprint: str) -> dict[str, Any]:
@@ -145,59 +168,70 @@ def base_record(cfg: DictConfig, editor: Editor, item: EditItem, fingerprint: st
     }
 
 
-def edit_one(editor: Editor, metrics: Metrics | None, image: Image.Image, item: EditItem, cfg: DictConfig,
-             out: Path, logger: RunLogger, record: dict[str, Any]) -> dict[str, Any]:
-    """One edit with its outputs (source, snapshots, result, source | result) and its record."""
-    out.mkdir(parents=True, exist_ok=True)
-    images = prepare_image(image, cfg.resolution, cfg.image_prep.value)
-    source = to_pil((images + 1) / 2)[0]
-    save_image(out / "source.png", source)
-    snapshots: list[str] = []
+def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit], cfg: DictConfig,
+               resolved: dict[str, Any]) -> list[dict[str, Any]]:
+    """Edit a batch together; each edit gets its own outputs, W&B run and record."""
+    images = torch.cat([prepare_image(row.image, cfg.resolution, cfg.image_prep.value) for row in rows])
+    sources = to_pil((images + 1) / 2)
+    loggers: list[RunLogger] = []
+    snapshots: list[list[str]] = [[] for _ in rows]
+    for row, source in zip(rows, sources):
+        save_image(row.out / "source.png", source)
+        loggers.append(build(cfg.logger, run_config=resolved, run_dir=str(row.out),
+                             run_name=f"{cfg.method.name}-{row.item.name}"))
 
-    def on_log(values: dict[str, float]) -> None:
-        logger.log_metrics(values, step=int(values["iteration"]))
+    def on_log(b: int, values: dict[str, float]) -> None:
+        loggers[b].log_metrics(values, step=int(values["iteration"]))
 
-    def on_selector_round(round_record: dict[str, Any]) -> None:
-        logger.log_metrics({f"selector/{k}": v for k, v in round_record.items() if v is not None},
-                           step=int(round_record["iteration"]))
+    def on_selector_round(b: int, round_record: dict[str, Any]) -> None:
+        loggers[b].log_metrics({f"selector/{k}": v for k, v in round_record.items() if v is not None},
+                               step=int(round_record["iteration"]))
 
-    def on_snapshot(iteration: int, decoded: torch.Tensor) -> None:
-        snapshot = to_pil(decoded)[0]
-        snapshots.append(str(save_image(out / "snapshots" / f"iter_{iteration:04d}.png", snapshot).relative_to(out)))
-        logger.log_images({"snapshot": snapshot}, step=iteration)
+    def on_snapshot(b: int, iteration: int, decoded: torch.Tensor) -> None:
+        snapshot = to_pil(decoded.unsqueeze(0))[0]
+        path = save_image(rows[b].out / "snapshots" / f"iter_{iteration:04d}.png", snapshot)
+        snapshots[b].append(str(path.relative_to(rows[b].out)))
+        loggers[b].log_images({"snapshot": snapshot}, step=iteration)
 
     start = time.perf_counter()
-    try:
-        result = editor.edit(images, [item.source_prompt], [item.target_prompt],
-                             EditCallbacks(on_log, on_snapshot, on_selector_round))
-    except DivergenceError as err:
-        record.update(status="diverged", diverged_at=err.iteration, snapshots=snapshots,
-                      time_s=time.perf_counter() - start)
-        write_json(out / "summary.json", record)
-        logger.finish(failed=True)
-        return record
-    seconds = time.perf_counter() - start
+    result = editor.edit(images, [r.item.source_prompt for r in rows], [r.item.target_prompt for r in rows],
+                         EditCallbacks(on_log, on_snapshot, on_selector_round),
+                         seeds=[edit_seed(cfg.seed, r.item.name) for r in rows])
+    seconds = (time.perf_counter() - start) / len(rows)  # the batch's time, shared by its edits
     decoded = editor.decode(result.latents)
-    edited = to_pil(decoded)[0]
-    comparison = side_by_side(source, edited)
-    scores = metrics((images + 1) / 2, decoded, [item.target_prompt])[0] if metrics else {"clip": None, "lpips": None}
-    means = summarise_rounds(result.selector_rounds)
-    record.update(status="done", time_s=seconds, **scores, selector_accuracy=means["accuracy"],
-                  selector_balanced_accuracy=means["balanced_accuracy"], snapshots=snapshots,
-                  final={k: v for k, v in result.final.items() if k != "iteration"},
-                  selector_rounds=result.selector_rounds, selector_means=means,
-                  outputs={"result": "result.png", "side_by_side": "side_by_side.png", "source": "source.png"})
-    save_image(out / "result.png", edited)
-    save_image(out / "side_by_side.png", comparison)
-    write_json(out / "summary.json", record)  # last: its presence marks the edit finished
-    logger.log_images({"result": comparison}, step=cfg.iterations)
-    logger.set_summary({"time_s": seconds, **{f"metrics/{k}": v for k, v in scores.items() if v is not None},
-                        **{f"final/{k}": v for k, v in record["final"].items()},
-                        **{f"selector_mean/{k}": v for k, v in means.items() if v is not None}})
-    logger.finish()
-    log.info("%s: %r -> %r in %.1f s (CLIP %s, LPIPS %s), written to %s", item.name, item.source_prompt,
-             item.target_prompt, seconds, _fmt(scores["clip"]), _fmt(scores["lpips"]), out)
-    return record
+    no_scores = {"clip": None, "lpips": None}
+    scores = metrics((images + 1) / 2, decoded, [r.item.target_prompt for r in rows]) if metrics else None
+    records = []
+    for b, (row, source, edited) in enumerate(zip(rows, sources, to_pil(decoded))):
+        record = row.record
+        record.update(time_s=seconds, batch_size=len(rows), snapshots=snapshots[b])
+        if result.diverged_at[b] is not None:
+            record.update(status="diverged", diverged_at=result.diverged_at[b])
+            write_json(row.out / "summary.json", record)
+            loggers[b].finish(failed=True)
+            records.append(record)
+            continue
+        means = summarise_rounds(result.selector_rounds[b])
+        row_scores = scores[b] if scores else no_scores
+        record.update(status="done", **row_scores, selector_accuracy=means["accuracy"],
+                      selector_balanced_accuracy=means["balanced_accuracy"],
+                      final={k: v for k, v in result.final[b].items() if k != "iteration"},
+                      selector_rounds=result.selector_rounds[b], selector_means=means,
+                      outputs={"result": "result.png", "side_by_side": "side_by_side.png", "source": "source.png"})
+        comparison = side_by_side(source, edited)
+        save_image(row.out / "result.png", edited)
+        save_image(row.out / "side_by_side.png", comparison)
+        write_json(row.out / "summary.json", record)  # last: its presence marks the edit finished
+        logger = loggers[b]
+        logger.log_images({"result": comparison}, step=cfg.iterations)
+        logger.set_summary({"time_s": seconds, **{f"metrics/{k}": v for k, v in row_scores.items() if v is not None},
+                            **{f"final/{k}": v for k, v in record["final"].items()},
+                            **{f"selector_mean/{k}": v for k, v in means.items() if v is not None}})
+        logger.finish()
+        log.info("%s: %r -> %r in %.1f s (CLIP %s, LPIPS %s), written to %s", row.item.name, row.item.source_prompt,
+                 row.item.target_prompt, seconds, _fmt(row_scores["clip"]), _fmt(row_scores["lpips"]), row.out)
+        records.append(record)
+    return records
 
 
 def _fmt(value: float | None) -> str:

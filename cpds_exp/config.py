@@ -92,8 +92,13 @@ class AppConfig:
     device: str = "auto"
     dtype: str = "auto"
     snapshot_every: int = 50
-    log_every: int = 1
+    log_every: int = 10
     progress: bool = True
+    batch_size: int = 1
+    compile: bool = False
+    compile_mode: Optional[str] = None
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -122,6 +127,7 @@ def validate(cfg: DictConfig) -> DictConfig:
          f"patch_sizes={list(typed.patch_sizes)} must be a non-empty list of positive sizes, e.g. [1,2]"),
         (typed.tau > 0, f"tau={typed.tau} must be positive (the paper uses 0.07)"),
         (typed.log_every > 0, f"log_every={typed.log_every} must be positive"),
+        (typed.batch_size > 0, f"batch_size={typed.batch_size} must be positive"),
         (typed.snapshot_every >= 0, f"snapshot_every={typed.snapshot_every} must be >= 0 (0 turns snapshots off)"),
     ]
     for ok, message in checks:
@@ -139,7 +145,8 @@ def edit_settings(cfg: DictConfig) -> EditSettings:
         guidance_scale=cfg.guidance_scale, w_dds=cfg.w_dds, w_cut=cfg.w_cut, n_patches=cfg.n_patches,
         patch_sizes=tuple(cfg.patch_sizes), tau=cfg.tau, t_min=cfg.t_min, t_max=cfg.t_max,
         cut_layers=tuple(cfg.cut_layers), seed=cfg.seed, snapshot_every=cfg.snapshot_every,
-        log_every=cfg.log_every, progress=cfg.progress,
+        log_every=cfg.log_every, progress=cfg.progress, compile=cfg.compile, compile_mode=cfg.compile_mode,
+        channels_last=cfg.channels_last, gradient_checkpointing=cfg.gradient_checkpointing,
     )
 
 

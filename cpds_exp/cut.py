@@ -23,22 +23,25 @@ NEGATIVE_DIAGONAL_FILL = -10.0
 
 
 def patch_nce(ref: torch.Tensor, trg: torch.Tensor, tau: float = TAU) -> torch.Tensor:
-    """Per-position PatchNCE losses (N,) for (N, C) normalised features.
+    """Per-position PatchNCE losses (..., N) for (..., N, C) normalised features.
 
     Row i holds the positive ⟨ref_i, trg_i⟩ as class 0 followed by the negatives ⟨ref_i, trg_j⟩
     with the diagonal j = i filled with −10, all divided by τ (as the published code does).
-    ``ref`` is the query and receives no gradient; gradients flow into ``trg``.
+    ``ref`` is the query and receives no gradient; gradients flow into ``trg``. Leading
+    dimensions are independent batches (rows of a batched edit never see each other).
     """
     dtype = torch.promote_types(trg.dtype, torch.float32)  # half precision is too coarse for the logits
     ref = ref.detach().to(dtype)
     trg = trg.to(dtype)
+    count = ref.shape[-2]
     positive = (ref * trg).sum(dim=-1, keepdim=True)
-    negatives = ref @ trg.transpose(0, 1)
-    diagonal = torch.eye(ref.shape[0], dtype=torch.bool, device=ref.device)
+    negatives = ref @ trg.transpose(-1, -2)
+    diagonal = torch.eye(count, dtype=torch.bool, device=ref.device)
     negatives = negatives.masked_fill(diagonal, NEGATIVE_DIAGONAL_FILL)
-    logits = torch.cat([positive, negatives], dim=1) / tau
-    target = torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device)
-    return F.cross_entropy(logits, target, reduction="none")
+    logits = torch.cat([positive, negatives], dim=-1) / tau
+    target = torch.zeros(logits.shape[:-1].numel(), dtype=torch.long, device=ref.device)
+    losses = F.cross_entropy(logits.reshape(-1, count + 1), target, reduction="none")
+    return losses.reshape(logits.shape[:-1])
 
 
 def square_shape(tokens: int) -> tuple[int, int]:
@@ -63,7 +66,7 @@ def pool_and_normalise(features: torch.Tensor, patch_size: int, shape: tuple[int
 def cut_losses(
     ref_feats: Sequence[torch.Tensor],
     trg_feats: Sequence[torch.Tensor],
-    select: Select | Sequence[Select],
+    select: Select | Sequence[Select] | Sequence[Sequence[Select]],
     patch_sizes: Sequence[int] = (1, 2),
     n_patches: int = 256,
     tau: float = TAU,
@@ -72,14 +75,21 @@ def cut_losses(
 ) -> torch.Tensor:
     """(B, L) losses: per batch element and layer, the sum over patch sizes of the mean PatchNCE.
 
-    ``select`` (one for all layers, or a sequence with one per layer) is called once per batch
-    element, layer and patch size, in that nesting order. ``observe``, if given, sees every
-    layer's pooled, normalised (B, N, C) source and target features once per patch size (the
-    training data of learning selectors).
+    ``select`` is one function for everything, a sequence with one per layer, or a nested
+    sequence [batch element][layer]; it is called once per batch element, layer and patch size,
+    in that nesting order. The losses themselves are computed for the whole batch at once.
+    ``observe``, if given, sees every layer's pooled, normalised (B, N, C) source and target
+    features once per patch size (the training data of learning selectors).
     """
     if len(ref_feats) != len(trg_feats):
         raise ValueError(f"{len(ref_feats)} reference layers but {len(trg_feats)} target layers")
-    selects = list(select) if isinstance(select, Sequence) else [select] * len(ref_feats)
+    batch, layers = ref_feats[0].shape[0], len(ref_feats)
+    if callable(select):
+        selects = [[select] * layers] * batch
+    elif callable(select[0]):
+        selects = [list(select)] * batch
+    else:
+        selects = [list(row) for row in select]
     shapes = spatial_shapes or [square_shape(f.shape[1]) for f in ref_feats]
     pooled = [
         [(pool_and_normalise(r, p, s), pool_and_normalise(t, p, s)) for p in patch_sizes]
@@ -89,25 +99,26 @@ def cut_losses(
         for layer, per_size in enumerate(pooled):
             for ref, trg in per_size:
                 observe(layer, ref, trg.detach())
-    batch = ref_feats[0].shape[0]
-    per_image = []
+    chosen: dict[tuple[int, int], list[torch.Tensor]] = {}
     for b in range(batch):
-        per_layer = []
-        for layer_select, layer in zip(selects, pooled):
-            total = 0.0
-            for ref, trg in layer:
+        for layer, per_size in enumerate(pooled):
+            for size, (ref, _) in enumerate(per_size):
                 n = min(n_patches, ref.shape[1])
-                idx = layer_select(ref[b], n)
-                total = total + patch_nce(ref[b, idx], trg[b, idx], tau).mean()
-            per_layer.append(total)
-        per_image.append(torch.stack(per_layer))
-    return torch.stack(per_image)
+                chosen.setdefault((layer, size), []).append(selects[b][layer](ref[b], n))
+    per_layer = []
+    for layer, per_size in enumerate(pooled):
+        total = 0.0
+        for size, (ref, trg) in enumerate(per_size):
+            idx = torch.stack(chosen[(layer, size)]).unsqueeze(-1).expand(-1, -1, ref.shape[-1])
+            total = total + patch_nce(ref.gather(1, idx), trg.gather(1, idx), tau).mean(dim=-1)
+        per_layer.append(total)
+    return torch.stack(per_layer, dim=1)
 
 
 def cut_loss(
     ref_feats: Sequence[torch.Tensor],
     trg_feats: Sequence[torch.Tensor],
-    select: Select | Sequence[Select],
+    select: Select | Sequence[Select] | Sequence[Sequence[Select]],
     patch_sizes: Sequence[int] = (1, 2),
     n_patches: int = 256,
     **options,

@@ -72,7 +72,7 @@ def prepare_image(image: Image.Image, resolution: int, mode: str = "resize") -> 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [0, 1] → PIL images."""
-    array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+    array = (images.detach().float().nan_to_num(0.0).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
     return [Image.fromarray(a.astype(np.uint8)) for a in array]
 
 

@@ -72,7 +72,7 @@ class WandbLogger(RunLogger):
         self._wandb = wandb
         self.run = wandb.init(project=project, entity=entity, mode=resolve_wandb_mode(mode), group=group,
                               tags=list(tags or []), job_type=job_type, config=dict(run_config or {}),
-                              dir=run_dir, name=run_name, reinit="finish_previous")
+                              dir=run_dir, name=run_name, reinit="create_new")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)

@@ -44,6 +44,7 @@ class PatchSelector:
         self.name = type(self).__name__
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
+        self._device_generator: torch.Generator | None = None
         self.input_width: int | None = None
         self._said_random = False
 
@@ -52,7 +53,12 @@ class PatchSelector:
         return self.input_width is not None
 
     def random_positions(self, count: int, n: int, device: torch.device) -> torch.Tensor:
-        return torch.randperm(count, generator=self.generator)[: min(n, count)].to(device)
+        """Drawn on ``device`` itself, so choosing patches never waits for a host-to-device copy."""
+        if device.type == "cpu":
+            return torch.randperm(count, generator=self.generator)[: min(n, count)]
+        if self._device_generator is None or self._device_generator.device != device:
+            self._device_generator = torch.Generator(device).manual_seed(self.seed)
+        return torch.randperm(count, generator=self._device_generator, device=device)[: min(n, count)]
 
     def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
         """n distinct row indices (fewer when fewer rows exist)."""

@@ -20,12 +20,18 @@ OFFLINE_ENV = {
     "WANDB_CONFIG_DIR": str(_SANDBOX / "wandb-config"),
     "TORCH_HOME": str(_SANDBOX / "torch"),
     "HF_HOME": str(_SANDBOX / "hf"),
+    # the tiny models' ops are too small to split across threads; one thread is faster and
+    # immune to a busy neighbour core (two spinning OpenMP threads then slow down ~50x)
+    "OMP_NUM_THREADS": "1",
 }
 os.environ.update(OFFLINE_ENV)
 for key in ("WANDB_API_KEY",):
     os.environ.pop(key, None)
 
 sys.path.insert(0, str(Path(__file__).parent))
+import torch  # noqa: E402  (after the environment is set)
+
+torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -1,0 +1,164 @@
+"""Benchmark the editing step: ms per iteration and per image-iteration, edits per hour, peak
+memory, and the cost in UNet-forward equivalents, for each method, selector and batch size.
+
+The UNet is SD v1.4's exact architecture built from cpds_exp/resources/sd14_unet.json with random
+weights (no download; timings are real even if images are not), or the tiny test UNet.
+
+    python scripts/bench.py                                   # GPU: SD v1.4, 512², batches 1, 8, 32
+    python scripts/bench.py --unet tiny --resolution 64 --batch-sizes 1,4 --iterations 5   # CPU smoke
+    python scripts/bench.py --unet sd14 --resolution 256 --batch-sizes 1 --iterations 2 --warmup 1  # CPU
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from cpds_exp.editor import EditSettings, Editor
+from cpds_exp.models import SD_SCHEDULE, SDStack, build_tiny, resolve_device, resolve_dtype
+from cpds_exp.results import write_json, write_text
+from cpds_exp.selector_training import SelectorTraining
+from cpds_exp.selectors import MLPSelector, RandomSelector
+
+SD14_UNET = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources" / "sd14_unet.json"
+METHODS = {"dds": ("dds", False), "pds": ("pds", False), "cds": ("dds", True), "cpds": ("pds", True)}
+SELECTORS = {"random": RandomSelector, "meta": MLPSelector}
+
+
+def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
+    if name == "tiny":
+        unet = build_tiny(0).unet
+    else:
+        unet = UNet2DConditionModel.from_config(json.loads(SD14_UNET.read_text()))
+    return unet.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` (after the caller's warm-up), waiting for the device at the ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(repeats):
+        fn(i)
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def forward_seconds(unet, batch: int, latent: int, device, dtype, repeats: int, warmup: int) -> float:
+    """The UNet's own no-grad forward time for a batch, the yardstick of the step's cost."""
+    z = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
+    t = torch.full((batch,), 500, device=device)
+    cond = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+
+    def forward(_):
+        with torch.no_grad():
+            unet(z, t, encoder_hidden_states=cond)
+
+    for i in range(warmup):
+        forward(i)
+    return timed(forward, repeats, device)
+
+
+def bench_step(unet, method: str, selector: str, batch: int, latent: int, device, dtype, args) -> dict:
+    score, use_cut = METHODS[method]
+    stack = SDStack(unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=DDPMScheduler(**SD_SCHEDULE),
+                    device=device, dtype=dtype, resolution=latent * 8)
+    settings = EditSettings(score=score, use_cut=use_cut, lr=0.8 if score == "pds" else 0.1, progress=False,
+                            compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
+                            gradient_checkpointing=args.gradient_checkpointing)
+    editor = Editor(stack, settings, functools.partial(SELECTORS[selector]), functools.partial(torch.optim.SGD),
+                    SelectorTraining(train_every=10))
+    z = torch.randn(batch, 4, latent, latent, device=device)
+    emb = {k: torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+           for k in ("uncond", "src", "trg")}
+    state = editor.start(z, emb, seeds=list(range(batch)))
+    for i in range(args.warmup):
+        editor.step(state, i + 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(lambda i: editor.step(state, args.warmup + i + 1), args.iterations, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"seconds": seconds, "peak_gib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unet", choices=("sd14", "tiny"), default="sd14")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--methods", default="dds,pds,cds,cpds")
+    parser.add_argument("--selectors", default="random,meta", help="for CDS and CPDS")
+    parser.add_argument("--iterations", type=int, default=20, help="timed iterations per configuration")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto: float16 on CUDA (the published setting), float32 on CPU")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default=None)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    latent = args.resolution // 8
+    unet = build_unet(args.unet, device, dtype)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        forward = forward_seconds(unet, batch, latent, device, dtype, args.iterations, args.warmup)
+        for method in args.methods.split(","):
+            selectors = args.selectors.split(",") if METHODS[method][1] else ["-"]
+            for selector in selectors:
+                result = bench_step(unet, method, selector if selector != "-" else "random", batch, latent, device,
+                                    dtype, args)
+                per_image = result["seconds"] / batch
+                rows.append({
+                    "method": method, "selector": selector, "batch": batch,
+                    "ms_per_iteration": 1000 * result["seconds"], "ms_per_image_iteration": 1000 * per_image,
+                    "seconds_per_edit": 200 * result["seconds"], "seconds_per_edit_amortised": 200 * per_image,
+                    "edits_per_hour": 3600 / (200 * per_image), "peak_gib": result["peak_gib"],
+                    "unet_forward_ms_per_image": 1000 * forward / batch,
+                    "forward_equivalents": per_image / (forward / batch),
+                })
+                print(json.dumps(rows[-1]), flush=True)
+    meta = {"device": device_name, "dtype": str(dtype).removeprefix("torch."), "unet": args.unet,
+            "resolution": args.resolution, "iterations": args.iterations, "warmup": args.warmup,
+            "compile": args.compile, "channels_last": args.channels_last, "torch": torch.__version__}
+    write_json(args.out / "bench.json", {"meta": meta, "rows": rows})
+    table = markdown(meta, rows)
+    write_text(args.out / "bench.md", table)
+    print(table)
+    return 0
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    def fmt(value, digits=1):
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = [f"{meta['unet']} UNet, {meta['resolution']}², {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
+             f"{', compiled' if meta['compile'] else ''}", "",
+             "| method | selector | batch | ms/iter | ms/image-iter | s/edit (amortised) | edits/hour | peak GiB | "
+             "UNet fwd ms/image | fwd-equivalents |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['selector']} | {r['batch']} | {fmt(r['ms_per_iteration'])} | "
+                     f"{fmt(r['ms_per_image_iteration'])} | {fmt(r['seconds_per_edit_amortised'], 2)} | "
+                     f"{fmt(r['edits_per_hour'], 0)} | {fmt(r['peak_gib'], 2)} | {fmt(r['unet_forward_ms_per_image'])} | "
+                     f"{fmt(r['forward_equivalents'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
