@@ -53,7 +53,8 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 #: Config keys that do not change an edit's outcome: a finished edit is reused across them.
 NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
-                     "batch_size", "compile", "compile_mode", "channels_last", "gradient_checkpointing")
+                     "batch_size", "compile", "compile_mode", "compile_backend", "channels_last",
+                     "gradient_checkpointing")
 
 
 def edit_fingerprint(resolved: dict[str, Any], item: EditItem) -> str:

@@ -97,6 +97,7 @@ class AppConfig:
     batch_size: int = 1
     compile: bool = False
     compile_mode: Optional[str] = None
+    compile_backend: str = "inductor"
     channels_last: bool = False
     gradient_checkpointing: bool = False
 
@@ -146,6 +147,7 @@ def edit_settings(cfg: DictConfig) -> EditSettings:
         patch_sizes=tuple(cfg.patch_sizes), tau=cfg.tau, t_min=cfg.t_min, t_max=cfg.t_max,
         cut_layers=tuple(cfg.cut_layers), seed=cfg.seed, snapshot_every=cfg.snapshot_every,
         log_every=cfg.log_every, progress=cfg.progress, compile=cfg.compile, compile_mode=cfg.compile_mode,
+        compile_backend=cfg.compile_backend,
         channels_last=cfg.channels_last, gradient_checkpointing=cfg.gradient_checkpointing,
     )
 

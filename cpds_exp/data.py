@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -79,12 +80,23 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def single(image: str, source_prompt: str, target_prompt: str) -> list[EditItem]:
-    """One image file and its prompt pair."""
-    item = EditItem(Path(image).stem, check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target"),
-                    path=Path(image))
-    item.image = item.load()  # a single edit fails at once on a bad file
-    return [item]
+def single(image: str, source_prompt: str, target_prompt: str | Sequence[str]) -> list[EditItem]:
+    """One image file and its prompt pair, or several target prompts (one edit each, batchable)."""
+    path = Path(image)
+    source = check_prompt(source_prompt, "source")
+    targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
+    if not targets:
+        raise CpdsError("dataset.target_prompt is an empty list: give one prompt or a list of them")
+    picture = load_image(path)  # a single image fails at once on a bad file
+    if len(targets) == 1:
+        return [EditItem(path.stem, source, check_prompt(targets[0], "target"), path=path, image=picture)]
+    return [EditItem(f"{path.stem}-{slug(t)}", source, check_prompt(t, "target"), path=path, image=picture)
+            for t in targets]
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of a prompt."""
+    return "_".join("".join(c if c.isalnum() else " " for c in text.lower()).split())[:60] or "prompt"
 
 
 def sample(source_prompt: str, target_prompt: str) -> list[EditItem]:

@@ -50,6 +50,7 @@ class EditSettings:
     progress: bool = True
     compile: bool = False
     compile_mode: str | None = None
+    compile_backend: str = "inductor"
     channels_last: bool = False
     gradient_checkpointing: bool = False
 
@@ -157,7 +158,7 @@ class Editor:
             unet.enable_gradient_checkpointing()
         if s.channels_last:
             unet.to(memory_format=torch.channels_last)
-        return torch.compile(unet, mode=s.compile_mode) if s.compile else unet
+        return torch.compile(unet, mode=s.compile_mode, backend=s.compile_backend) if s.compile else unet
 
     # --- encoding and decoding -------------------------------------------------------------
     @torch.no_grad()

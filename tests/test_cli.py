@@ -85,3 +85,18 @@ def test_unreachable_model_is_one_line_suggesting_tiny(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot load model 'CompVis/stable-diffusion-v1-4'") and "model=tiny" in last
+
+
+def test_batched_edits_log_one_wandb_run_each(compose_config, tmp_path):
+    from cpds_exp.app import run
+    from test_datasets import make_photos
+
+    photos = make_photos(tmp_path / "cats", count=2)
+    run(compose_config("model=tiny", "metrics=random", "logger=wandb", "iterations=4", "progress=false",
+                       "method=cds", "dataset=cats", f"dataset.path={photos}", "batch_size=2", "log_every=3"),
+        tmp_path / "out")
+    for name in ("cat0", "cat1"):
+        [run_file] = (tmp_path / "out/edits" / name / "wandb").glob("offline-run-*/run-*.wandb")
+        logged = read_run(run_file)
+        assert [row["iteration"] for row in logged["history"] if "cut/total" in row] == [1, 2, 3, 4]
+        assert logged["summary"]["metrics/clip"] is not None

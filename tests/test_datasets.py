@@ -97,3 +97,29 @@ def test_rerun_resumes_and_force_recomputes(compose_config, tmp_path):
     assert all(r["lr"] == 0.05 for r in changed)
     run(compose_config(*overrides, "lr=0.05", "force=true"), out)
     assert os.stat(results[0]).st_mtime_ns != stamps[0]
+
+
+def test_batched_dataset_run_matches_one_by_one(compose_config, tmp_path):
+    photos = make_photos(tmp_path / "cats", count=3)
+    overrides = (*FAST, "method=cpds", "dataset=cats", f"dataset.path={photos}", "iterations=3")
+    alone = run(compose_config(*overrides), tmp_path / "one")
+    batched = run(compose_config(*overrides, "batch_size=2"), tmp_path / "two")
+    assert [r["batch_size"] for r in batched] == [2, 2, 1]
+    for a, b in zip(alone, batched):
+        assert a["image"] == b["image"] and a["fingerprint"] == b["fingerprint"]
+        assert b["final"]["t"] == a["final"]["t"]
+        assert b["final"]["cut/total"] == pytest.approx(a["final"]["cut/total"], rel=1e-3)
+        assert b["lpips"] == pytest.approx(a["lpips"], abs=1e-3)
+    # the same edits are already done in the batched run's folder whatever the batch size
+    again = run(compose_config(*overrides, "batch_size=3"), tmp_path / "two")
+    assert all("batch_size" in r and r["batch_size"] != 3 for r in again)
+
+
+def test_one_image_with_several_target_prompts(compose_config, tmp_path):
+    photo = make_photos(tmp_path / "in", count=1) / "cat0.png"
+    records = run(compose_config(*FAST, "method=cds", "dataset=single", f"dataset.image={photo}",
+                                 "dataset.source_prompt=a cat", "dataset.target_prompt=[a dog,a red fox]",
+                                 "batch_size=2"), tmp_path / "out")
+    assert [(r["image"], r["target_prompt"], r["batch_size"]) for r in records] == [
+        ("cat0-a_dog", "a dog", 2), ("cat0-a_red_fox", "a red fox", 2)]
+    assert (tmp_path / "out/edits/cat0-a_red_fox/result.png").is_file()
