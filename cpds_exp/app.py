@@ -53,7 +53,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 #: Config keys that do not change an edit's outcome: a finished edit is reused across them.
 NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
-                     "batch_size", "compile", "compile_mode", "compile_backend", "channels_last",
+                     "batch_size", "num_shards", "shard", "compile", "compile_mode", "compile_backend", "channels_last",
                      "gradient_checkpointing")
 
 
@@ -89,10 +89,13 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     training = selector_training(cfg)
     make_selector = functools.partial(build, selector_options(cfg), seed=cfg.seed)
     make_selector()  # fail on a bad selector option before loading a model
-    items = build(cfg.dataset)
+    dataset = build(cfg.dataset)
+    many = len(dataset) > 1  # a dataset's edits go in edits/<item>/, even in a shard of one
+    items = dataset[cfg.shard:: cfg.num_shards]
+    if not items:
+        raise CpdsError(f"shard {cfg.shard} of {cfg.num_shards} is empty: the dataset has fewer items than shards")
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    many = len(items) > 1
     todo = []
     records: list[dict[str, Any]] = []
     for item in items:
@@ -107,7 +110,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
         log.info("resuming: %d of %d edits are already done (force=true recomputes them)", len(records), len(items))
     if not todo:
         return records
-    stack = load_stack(cfg.model.pretrained, cfg.device, cfg.dtype, cfg.model.seed, cfg.model.revision)
+    stack = load_stack(cfg.model.pretrained, job_device(cfg.device), cfg.dtype, cfg.model.seed, cfg.model.revision)
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(stack.device))
     editor = Editor(stack, settings, make_selector, build(cfg.optimizer), training)
     with tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
@@ -150,6 +153,32 @@ class PendingEdit:
     image: Image.Image
 
 
+def run_name(cfg: DictConfig, item: EditItem) -> str:
+    """method[-selector][-task][-shard k of n]-image: readable in a W&B group of thousands."""
+    parts = [cfg.method.name]
+    if cfg.method.cut:
+        parts.append(str(cfg.selector.get("name")))
+    if item.task:
+        parts.append(item.task)
+    if cfg.num_shards > 1:
+        parts.append(f"shard{cfg.shard}of{cfg.num_shards}")
+    return "-".join([*parts, item.name])
+
+
+def job_device(device: str) -> str:
+    """``auto`` in a multirun job on a multi-GPU machine: the GPU of the job number modulo the GPU
+    count, so parallel jobs (joblib, submitit local) spread over the GPUs. Under SLURM each job
+    sees only its own GPU, which this leaves as cuda:0."""
+    if device != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return device
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return device
+    return f"cuda:{HydraConfig.get().job.num % torch.cuda.device_count()}"
+
+
 def edit_seed(seed: int, name: str) -> int:
     """The seed of one edit: the run's seed and the image's name, so an edit's randomness does
     not depend on which other edits share its batch."""
@@ -178,8 +207,7 @@ def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit],
     snapshots: list[list[str]] = [[] for _ in rows]
     for row, source in zip(rows, sources):
         save_image(row.out / "source.png", source)
-        loggers.append(build(cfg.logger, run_config=resolved, run_dir=str(row.out),
-                             run_name=f"{cfg.method.name}-{row.item.name}"))
+        loggers.append(build(cfg.logger, run_config=resolved, run_dir=str(row.out), run_name=run_name(cfg, row.item)))
 
     def on_log(b: int, values: dict[str, float]) -> None:
         loggers[b].log_metrics(values, step=int(values["iteration"]))

@@ -74,6 +74,8 @@ class AppConfig:
     task: TaskConfig
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sweep_name: Optional[str] = None
+    num_shards: int = 1
+    shard: int = 0
     force: bool = False
     seed: int = 0
     lr: Optional[float] = None
@@ -129,6 +131,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         (typed.tau > 0, f"tau={typed.tau} must be positive (the paper uses 0.07)"),
         (typed.log_every > 0, f"log_every={typed.log_every} must be positive"),
         (typed.batch_size > 0, f"batch_size={typed.batch_size} must be positive"),
+        (typed.num_shards > 0 and 0 <= typed.shard < typed.num_shards,
+         f"shard={typed.shard} with num_shards={typed.num_shards}: need 0 <= shard < num_shards"),
         (typed.snapshot_every >= 0, f"snapshot_every={typed.snapshot_every} must be >= 0 (0 turns snapshots off)"),
     ]
     for ok, message in checks:

@@ -37,17 +37,23 @@ PAPER = {"method": PAPER_TABLE1, "selector": PAPER_TABLE2}
 
 
 def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every edit record under ``sweep_dir``, with ``_dir`` set to its folder."""
-    records = []
+    """Every edit record under ``sweep_dir`` (jobs and shards merged), with ``_dir`` set to its folder.
+
+    The same edit found twice (a sweep re-run with another sharding) counts once: the newest.
+    """
+    by_edit: dict[str, tuple[float, dict[str, Any]]] = {}
     for path in sorted(Path(sweep_dir).rglob("summary.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
             continue
-        if "fingerprint" in record:
-            record["_dir"] = str(path.parent)
-            records.append(record)
-    return records
+        if "fingerprint" not in record:
+            continue
+        record["_dir"] = str(path.parent)
+        stamp = path.stat().st_mtime
+        if record["fingerprint"] not in by_edit or stamp > by_edit[record["fingerprint"]][0]:
+            by_edit[record["fingerprint"]] = (stamp, record)
+    return [record for _, record in sorted(by_edit.values(), key=lambda pair: pair[1]["_dir"])]
 
 
 def _ordered(values: Iterable[Any], key: str) -> list[Any]:

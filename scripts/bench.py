@@ -37,7 +37,10 @@ def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DCon
         unet = build_tiny(0).unet
     else:
         unet = UNet2DConditionModel.from_config(json.loads(SD14_UNET.read_text()))
-    return unet.to(device=device, dtype=dtype).requires_grad_(False).eval()
+    unet.to(device)
+    if dtype != torch.float32:  # built in float32
+        unet.to(dtype)
+    return unet.requires_grad_(False).eval()
 
 
 def synchronize(device: torch.device) -> None:
