@@ -24,7 +24,7 @@ from cpds_exp.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
 from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
-from cpds_exp.models import load_stack
+from cpds_exp.models import load_stack, resolve_device
 from cpds_exp.selector_training import summarise_rounds
 from cpds_exp.results import save_image, side_by_side, write_json, write_text
 
@@ -65,14 +65,30 @@ def edit_fingerprint(resolved: dict[str, Any], item: EditItem) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def finished_record(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The record of an edit already done with the same fingerprint (resume), else None."""
+def image_stamp(item: EditItem) -> float | None:
+    """The modification time of an item's file (None for in-memory images or missing files)."""
+    try:
+        return item.path.stat().st_mtime if item.path else None
+    except OSError:
+        return None
+
+
+def finished_record(out: Path, fingerprint: str, item: EditItem) -> dict[str, Any] | None:
+    """The record of an edit already finished with the same fingerprint (resume), else None.
+
+    A skipped unreadable image counts as finished until its file changes.
+    """
     try:
         record = json.loads((out / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    done = record.get("status") == "done" and (out / "result.png").is_file()
-    return record if done and record.get("fingerprint") == fingerprint else None
+    if record.get("fingerprint") != fingerprint:
+        return None
+    if record.get("status") == "done" and (out / "result.png").is_file():
+        return record
+    if record.get("status") == "skipped" and record.get("image_mtime") == image_stamp(item):
+        return record
+    return None
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
@@ -101,17 +117,20 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     for item in items:
         out = output_dir / "edits" / item.name if many else output_dir
         fingerprint = edit_fingerprint(resolved, item)
-        done = None if cfg.force else finished_record(out, fingerprint)
+        done = None if cfg.force else finished_record(out, fingerprint, item)
         if done:
             records.append(done)
         else:
             todo.append((item, out, fingerprint))
+    if not cfg.method.cut and "name" in cfg.selector and cfg.selector.name != "random":
+        log.info("method %s has no CUT term: selector=%s is not used", cfg.method.name, cfg.selector.name)
     if records:
         log.info("resuming: %d of %d edits are already done (force=true recomputes them)", len(records), len(items))
     if not todo:
         return records
-    stack = load_stack(cfg.model.pretrained, job_device(cfg.device), cfg.dtype, cfg.model.seed, cfg.model.revision)
-    metrics = load_metrics(MetricsConfig(**cfg.metrics), str(stack.device))
+    device = resolve_device(job_device(cfg.device))
+    metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
+    stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
     editor = Editor(stack, settings, make_selector, build(cfg.optimizer), training)
     with tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
         for first in range(0, len(todo), cfg.batch_size):
@@ -125,7 +144,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
                     if not many:
                         raise
                     log.warning("skipping %s: %s", item.name, err)
-                    record.update(status="skipped", reason=str(err))
+                    record.update(status="skipped", reason=str(err), image_mtime=image_stamp(item))
                     write_json(out / "summary.json", record)
                     records.append(record)
             if rows:

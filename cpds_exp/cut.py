@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cpds_exp.errors import CpdsError
+
 #: Selects n row indices from (N, C) normalised source features.
 Select = Callable[[torch.Tensor, int], torch.Tensor]
 #: Sees (layer index, (B, N, C) source, (B, N, C) target) pooled, normalised features.
@@ -56,6 +58,9 @@ def pool_and_normalise(features: torch.Tensor, patch_size: int, shape: tuple[int
     """(B, HW, C) tokens → (B, N, C): p×p average pooling, then unit length over channels."""
     batch, tokens, channels = features.shape
     height, width = shape
+    if patch_size > min(height, width):
+        raise CpdsError(f"patch size {patch_size} is larger than a CUT layer's {height}x{width} grid: "
+                        "use smaller patch_sizes (the paper: [1,2]) or leave that layer out of cut_layers")
     grid = features.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
     if patch_size > 1:
         grid = F.avg_pool2d(grid, patch_size)

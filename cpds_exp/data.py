@@ -121,6 +121,13 @@ def folder(path: str, source_prompt: str, target_prompt: str, task: str | None =
     stems = [f.stem for f in files]
     source, target = check_prompt(source_prompt, "source"), check_prompt(target_prompt, "target")
     items = [EditItem(f.stem if stems.count(f.stem) == 1 else f.name, source, target, task, path=f) for f in files]
+    return _first(items, limit)
+
+
+def _first(items: list[EditItem], limit: int | None) -> list[EditItem]:
+    """The first ``limit`` items (all when null)."""
+    if limit is not None and limit <= 0:
+        raise CpdsError(f"dataset.limit={limit} must be positive, or null for every image")
     return items[:limit] if limit else items
 
 
@@ -166,6 +173,7 @@ def manifest(path: str, task: str | None = None, limit: int | None = None) -> li
         try:
             items.append(EditItem(name, check_prompt(row["source_prompt"], "source"),
                                   check_prompt(row["target_prompt"], "target"), row.get("task", task), path=image))
-        except CpdsError as err:
-            raise CpdsError(f"manifest {str(file)!r} row {index + 1}: {err}") from None
-    return items[:limit] if limit else items
+        except CpdsError:
+            raise CpdsError(f"manifest {str(file)!r} row {index + 1} has an empty prompt: fill in its "
+                            "source_prompt and target_prompt") from None
+    return _first(items, limit)

@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 
 from PIL import Image
 
+from cpds_exp.errors import CpdsError
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,7 @@ def resolve_wandb_mode(mode: str) -> str:
     """``auto``: WANDB_MODE if set, else online with credentials, else offline with a notice."""
     if mode != "auto":
         if mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logger.mode={mode!r}: use auto, online, offline or disabled")
+            raise CpdsError(f"logger.mode={mode!r} is unknown: use auto, online, offline or disabled")
         return mode
     if os.getenv("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
@@ -70,9 +72,13 @@ class WandbLogger(RunLogger):
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=project, entity=entity, mode=resolve_wandb_mode(mode), group=group,
-                              tags=list(tags or []), job_type=job_type, config=dict(run_config or {}),
-                              dir=run_dir, name=run_name, reinit="create_new")
+        try:
+            self.run = wandb.init(project=project, entity=entity, mode=resolve_wandb_mode(mode), group=group,
+                                  tags=list(tags or []), job_type=job_type, config=dict(run_config or {}),
+                                  dir=run_dir, name=run_name, reinit="create_new")
+        except wandb.errors.UsageError as err:
+            raise CpdsError(f"W&B refused to start ({str(err).splitlines()[0]}): run `wandb login`, "
+                            "or use logger.mode=offline or logger=none") from err
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)

@@ -10,6 +10,10 @@ from typing import Any, Callable, Mapping
 from PIL import Image
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` next to ``path``, then rename over it."""
     path = Path(path)
@@ -18,6 +22,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

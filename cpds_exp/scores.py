@@ -30,10 +30,21 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _alpha_bar_table(scheduler: NoiseSchedule, device: torch.device) -> torch.Tensor:
+    """ᾱ in float64 on ``device``, copied there once: indexing it then never waits for the GPU."""
+    key = (id(scheduler.alphas_cumprod), device)
+    if key not in _TABLES:
+        _TABLES[key] = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+    return _TABLES[key]
+
+
 def alpha_bar(scheduler: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t in float64, with the convention ᾱ_t = 1 for t < 0 (before the first step)."""
-    table = scheduler.alphas_cumprod.to(dtype=torch.float64)
-    t = torch.as_tensor(t).to(table.device).long()
+    """ᾱ_t in float64 on t's device, with the convention ᾱ_t = 1 for t < 0 (before the first step)."""
+    t = torch.as_tensor(t).long()
+    table = _alpha_bar_table(scheduler, t.device)
     return torch.where(t >= 0, table[t.clamp(min=0)], torch.ones_like(table[0]))
 
 

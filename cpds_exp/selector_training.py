@@ -83,11 +83,11 @@ class SelectorTrainer:
         return [self.timed(selector) for selector in self.selectors]
 
     def observe(self, layer: int, ref: torch.Tensor, trg: torch.Tensor) -> None:
-        """Keep (B, N, C) source features with labels from the per-position distance, per image."""
+        """Keep (B, N, C) source features and their per-position distances, per image; they are
+        labelled at the training round (one percentile per image, layer and patch size)."""
         distances = (ref - trg).norm(dim=-1)
         for features, row in zip(ref, distances):
-            self._data[layer].append(
-                (features.detach(), label_positions(row, self.training.positive, self.training.percentile)))
+            self._data[layer].append((features.detach(), row.detach()))
 
     def after_iteration(self, iteration: int) -> dict[str, float | None] | None:
         """Every ``train_every`` iterations: score, train, drop the data; returns the round's metrics."""
@@ -104,7 +104,7 @@ class SelectorTrainer:
                 continue
             width = max(features.shape[-1] for features, _ in pairs)
             features = torch.cat([pad_features(f, width) for f, _ in pairs])
-            labels = torch.cat([lab for _, lab in pairs])
+            labels = torch.cat([label_positions(d, self.training.positive, self.training.percentile) for _, d in pairs])
             if selector.fitted:
                 measured.append(classification_metrics(selector.positive_probability(features), labels))
             else:

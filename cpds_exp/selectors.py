@@ -195,7 +195,12 @@ class SklearnSelector(PatchSelector):
         x, y = features.float().cpu().numpy(), labels.bool().cpu().numpy()
         if len(np.unique(y)) < 2:
             return None
-        self.model = make_pipeline(StandardScaler(), self.make_classifier()).fit(x, y)
+        try:
+            model = make_pipeline(StandardScaler(), self.make_classifier()).fit(x, y)
+        except ValueError as err:  # too few rows for the classifier (neighbours, calibration folds)
+            log.warning("selector %s skipped a training round: %s", self.name, str(err).splitlines()[0])
+            return None
+        self.model = model
         self.input_width = x.shape[1]
         probability = self.model.predict_proba(x)[:, list(self.model.classes_).index(True)]
         return float(log_loss(y, probability, labels=[False, True]))
@@ -208,6 +213,8 @@ class KNNSelector(SklearnSelector):
 
     def __init__(self, seed: int = 0, n_neighbors: int = 5, weights: str = "uniform",
                  max_train_samples: int | None = 4096):
+        if max_train_samples is not None and max_train_samples < n_neighbors:
+            raise CpdsError(f"selector.max_train_samples={max_train_samples} is below n_neighbors={n_neighbors}")
         super().__init__(seed, max_train_samples, n_neighbors=n_neighbors, weights=weights)
 
 

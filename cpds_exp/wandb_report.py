@@ -58,5 +58,7 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
     report_runs = wr.Runset(entity=entity, project=project, name="report",
                             filters=expr.And(expr.Config("sweep_name") == sweep_name))
     blocks += [wr.H2("Tables and comparison grids"),
-               wr.PanelGrid(runsets=[report_runs], panels=[wr.MediaBrowser(title="grids", media_keys=["grid"])])]
+               wr.PanelGrid(runsets=[report_runs], panels=[
+                   wr.MediaBrowser(title="grids", media_keys=[f"grid/{task}" for task in tasks]),
+                   wr.MediaBrowser(title="selector accuracy", media_keys=["selector_accuracy"])])]
     return wr.Report(project=project, entity=entity, title=f"cpds-exp {sweep_name}", blocks=blocks)

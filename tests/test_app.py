@@ -63,6 +63,10 @@ def test_single_image_dataset(compose_config, tmp_path, photo):
     (("t_min=900", "t_max=100"), "t_min=900"),
     (("+selector.temperature=2",), "cannot build cpds_exp.selectors.RandomSelector"),
     (("cut_layers=[mid_block.nothing]",), "matches no attention layer"),
+    (("patch_sizes=[16]",), "patch size 16 is larger than a CUT layer's 4x4 grid"),
+    (("logger=wandb", "logger.mode=sometimes"), "logger.mode='sometimes' is unknown"),
+    (("selector=knn", "selector.max_train_samples=3"), "below n_neighbors=5"),
+    (("method=cds_matched", "t_min=0"), "need t_min >= 1"),
 ])
 def test_bad_input_is_one_line(compose_config, tmp_path, overrides, message):
     with pytest.raises(CpdsError) as info:

@@ -80,8 +80,15 @@ def test_bad_image_is_one_line_on_stderr(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: image 'missing.jpg' does not exist: check dataset.image"
 
 
-def test_unreachable_model_is_one_line_suggesting_tiny(tmp_path):
+def test_unreachable_metric_weights_are_one_line_before_any_model_loads(tmp_path):
     proc = run_py("logger=none", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load CLIP ViT-B-16 with 'openai' weights") and "metrics=random" in last
+
+
+def test_unreachable_model_is_one_line_suggesting_tiny(tmp_path):
+    proc = run_py("logger=none", "metrics=none", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot load model 'CompVis/stable-diffusion-v1-4'") and "model=tiny" in last
@@ -100,3 +107,11 @@ def test_batched_edits_log_one_wandb_run_each(compose_config, tmp_path):
         logged = read_run(run_file)
         assert [row["iteration"] for row in logged["history"] if "cut/total" in row] == [1, 2, 3, 4]
         assert logged["summary"]["metrics/clip"] is not None
+
+
+def test_a_sweep_with_failed_jobs_exits_2_after_running_the_others(tmp_path):
+    proc = run_py("-m", "model=tiny", "metrics=random", "logger=none", "iterations=1", "progress=false",
+                  "lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: 1 job(s) of the sweep failed" in proc.stderr.strip().splitlines()[-1]
+    assert len(list((tmp_path / "sweep").rglob("result.png"))) == 1

@@ -60,7 +60,7 @@ def test_manifest_missing_column_and_empty_prompt(tmp_path):
         manifest(str(bad))
     empty = tmp_path / "empty.csv"
     empty.write_text("image,source_prompt,target_prompt\ncat.png,a cat, \n")
-    with pytest.raises(CpdsError, match="row 1: the target prompt is empty"):
+    with pytest.raises(CpdsError, match="row 1 has an empty prompt"):
         manifest(str(empty))
 
 
@@ -123,3 +123,16 @@ def test_one_image_with_several_target_prompts(compose_config, tmp_path):
     assert [(r["image"], r["target_prompt"], r["batch_size"]) for r in records] == [
         ("cat0-a_dog", "a dog", 2), ("cat0-a_red_fox", "a red fox", 2)]
     assert (tmp_path / "out/edits/cat0-a_red_fox/result.png").is_file()
+
+
+def test_skipped_image_is_not_retried_until_its_file_changes(compose_config, tmp_path):
+    photos = make_photos(tmp_path / "cats", count=1)
+    broken = photos / "broken.png"
+    broken.write_text("not a png")
+    overrides = (*FAST, "method=dds", "dataset=cats", f"dataset.path={photos}")
+    run(compose_config(*overrides), tmp_path / "out")
+    again = run(compose_config(*overrides), tmp_path / "out")
+    assert {r["image"]: r["status"] for r in again} == {"broken": "skipped", "cat0": "done"}
+    Image.new("RGB", (40, 40), "red").save(broken, format="PNG")  # fixed: now it is edited
+    fixed = run(compose_config(*overrides), tmp_path / "out")
+    assert {r["image"]: r["status"] for r in fixed} == {"broken": "done", "cat0": "done"}
