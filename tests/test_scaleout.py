@@ -83,3 +83,18 @@ def test_bad_shard_is_one_line(compose_config, tmp_path):
 
     with pytest.raises(CpdsError, match="need 0 <= shard < num_shards"):
         run(compose_config("model=tiny", "metrics=random", "logger=none", "num_shards=2", "shard=2"), tmp_path)
+
+
+def test_slurm_launcher_config_requeues_and_has_the_usual_knobs():
+    from hydra import compose, initialize_config_dir
+
+    from cpds_exp.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           "+experiment=table1"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1 and launcher.max_num_timeout == 3
+    assert {"timeout_min", "array_parallelism", "cpus_per_task", "mem_gb"} <= set(launcher)
+    assert cfg.hydra.sweeper.params.method == "dds,cds,pds,cpds"
