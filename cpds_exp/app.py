@@ -112,16 +112,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
         raise CpdsError(f"shard {cfg.shard} of {cfg.num_shards} is empty: the dataset has fewer items than shards")
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    todo = []
-    records: list[dict[str, Any]] = []
-    for item in items:
-        out = output_dir / "edits" / item.name if many else output_dir
-        fingerprint = edit_fingerprint(resolved, item)
-        done = None if cfg.force else finished_record(out, fingerprint, item)
-        if done:
-            records.append(done)
-        else:
-            todo.append((item, out, fingerprint))
+    records, todo = split_finished(cfg, resolved, items, output_dir, many)
     if not cfg.method.cut and "name" in cfg.selector and cfg.selector.name != "random":
         log.info("method %s has no CUT term: selector=%s is not used", cfg.method.name, cfg.selector.name)
     if records:
@@ -150,6 +141,27 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
             if rows:
                 records += edit_batch(editor, metrics, rows, cfg, resolved)
             bar.update(len(batch))
+    report_divergence(records, many)
+    return records
+
+
+def split_finished(cfg: DictConfig, resolved: dict[str, Any], items: list[EditItem], output_dir: Path,
+                   many: bool) -> tuple[list[dict[str, Any]], list[tuple[EditItem, Path, str]]]:
+    """The records of edits already finished (resume) and the (item, folder, fingerprint) still to do."""
+    records, todo = [], []
+    for item in items:
+        out = output_dir / "edits" / item.name if many else output_dir
+        fingerprint = edit_fingerprint(resolved, item)
+        done = None if cfg.force else finished_record(out, fingerprint, item)
+        if done:
+            records.append(done)
+        else:
+            todo.append((item, out, fingerprint))
+    return records, todo
+
+
+def report_divergence(records: list[dict[str, Any]], many: bool) -> None:
+    """A lone diverged edit is an error; among many, a warning each (their records say so)."""
     for record in records:
         if record["status"] == "diverged":
             snapshots = record["snapshots"]
@@ -159,7 +171,6 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
             if not many:
                 raise CpdsError(message)
             log.warning(message)
-    return records
 
 
 @dataclass
