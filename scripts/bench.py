@@ -25,11 +25,12 @@ from cpds_exp.editor import EditSettings, Editor
 from cpds_exp.models import SD_SCHEDULE, SDStack, build_tiny, resolve_device, resolve_dtype
 from cpds_exp.results import write_json, write_text
 from cpds_exp.selector_training import SelectorTraining
-from cpds_exp.selectors import MLPSelector, RandomSelector
+from cpds_exp.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
 
 SD14_UNET = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources" / "sd14_unet.json"
 METHODS = {"dds": ("dds", False), "pds": ("pds", False), "cds": ("dds", True), "cpds": ("pds", True)}
-SELECTORS = {"random": RandomSelector, "meta": MLPSelector}
+SELECTORS = {"random": RandomSelector, "meta": MLPSelector, "knn": KNNSelector, "svm": SVMSelector,
+             "rf": RandomForestSelector}
 
 
 def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--methods", default="dds,pds,cds,cpds")
-    parser.add_argument("--selectors", default="random,meta", help="for CDS and CPDS")
+    parser.add_argument("--selectors", default="random,meta",
+                        help="for CDS and CPDS: random, meta, knn, svm, rf (the scikit-learn ones run on the CPU)")
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per configuration")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="auto")
