@@ -89,6 +89,23 @@ class SelectorTrainer:
         for features, row in zip(ref, distances):
             self._data[layer].append((features.detach(), row.detach()))
 
+    def _round_data(self, selector: PatchSelector, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The round's (features, labels), zero-padded to the widest layer. A selector with a
+        ``max_train_samples`` cap gets its seeded subset *before* padding, so a round at SD scale
+        never materialises every position at 1280 channels."""
+        labels = torch.cat([label_positions(d, self.training.positive, self.training.percentile) for _, d in pairs])
+        width = max(features.shape[-1] for features, _ in pairs)
+        keep = selector.subsample(len(labels), getattr(selector, "max_train_samples", None))
+        if keep is None:
+            return torch.cat([pad_features(f, width) for f, _ in pairs]), labels
+        keep = keep.sort().values
+        chunks, start = [], 0
+        for features, _ in pairs:
+            local = keep[(keep >= start) & (keep < start + len(features))] - start
+            chunks.append(pad_features(features[local.to(features.device)], width))
+            start += len(features)
+        return torch.cat(chunks), labels[keep.to(labels.device)]
+
     def after_iteration(self, iteration: int) -> dict[str, float | None] | None:
         """Every ``train_every`` iterations: score, train, drop the data; returns the round's metrics."""
         if iteration % self.training.train_every:
@@ -102,9 +119,7 @@ class SelectorTrainer:
             pairs = [pair for layer in layers for pair in self._data[layer]]
             if not pairs:
                 continue
-            width = max(features.shape[-1] for features, _ in pairs)
-            features = torch.cat([pad_features(f, width) for f, _ in pairs])
-            labels = torch.cat([label_positions(d, self.training.positive, self.training.percentile) for _, d in pairs])
+            features, labels = self._round_data(selector, pairs)
             if selector.fitted:
                 measured.append(classification_metrics(selector.positive_probability(features), labels))
             else:

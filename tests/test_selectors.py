@@ -176,3 +176,22 @@ def test_bad_options_are_one_line(build, message):
     with pytest.raises(CpdsError, match=message) as info:
         build()
     assert "\n" not in str(info.value)
+
+
+def test_capped_selector_gets_its_subset_before_padding():
+    selector = RecordingKNN()
+    trainer = SelectorTrainer([selector, selector], SelectorTraining(train_every=1))
+    trainer.observe(0, torch.randn(1, 30, 4), torch.randn(1, 30, 4))
+    trainer.observe(1, torch.randn(1, 20, 8), torch.randn(1, 20, 8))
+    trainer.after_iteration(1)
+    assert selector.fitted_shape == (25, 8)  # 50 positions capped at 25, padded to 8 channels
+
+
+class RecordingKNN(KNNSelector):
+    def __init__(self):
+        super().__init__(seed=0, max_train_samples=25)
+
+    def fit(self, features, labels):
+        self.fitted_shape = tuple(features.shape)
+        assert len(labels) == len(features)
+        return super().fit(features, labels)
