@@ -5,7 +5,6 @@ A sweep directory holds one ``summary.json`` record per edit (any depth: jobs, s
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -15,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from cpds_exp.results import save_image, write_text
+from cpds_exp.results import csv_text, save_image, write_text
 
 METRICS = ("clip", "lpips")
 METHOD_ORDER = ("dds", "cds", "pds", "cpds", "cds_matched")
@@ -139,15 +138,6 @@ def to_markdown(table: Sequence[dict[str, Any]], rows: str, columns: str = "task
     return "\n".join(lines) + "\n"
 
 
-def to_csv(table: Sequence[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for entry in table for k in entry))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(table)
-    return buffer.getvalue()
-
-
 # --- pictures ---------------------------------------------------------------------------------
 def labelled_grid(rows: Sequence[Sequence[Image.Image | None]], column_labels: Sequence[str],
                   row_labels: Sequence[str], tile: int = 192) -> Image.Image:
@@ -242,7 +232,7 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
         attach_paper(table, rows, columns)
     markdown = to_markdown(table, rows, columns)
     write_text(out / "table.md", markdown)
-    write_text(out / "table.csv", to_csv(table))
+    write_text(out / "table.csv", csv_text(table))
     grids = comparison_grids(records, by=rows)
     for task, grid in grids.items():
         save_image(out / "grids" / f"{task}.png", grid)

@@ -1,11 +1,13 @@
 """Run outputs written atomically: a reader never sees a half-written file."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -36,6 +38,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows as CSV text; ``columns`` picks and orders them (default: every key, first seen first)."""
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def save_image(path: str | os.PathLike, image: Image.Image) -> Path:

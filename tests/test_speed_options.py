@@ -6,7 +6,6 @@ import runpy
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO
 from helpers import make_editor, make_image
