@@ -5,11 +5,12 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.errors import InstantiationException
@@ -19,14 +20,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cpds_exp.config import edit_settings, selector_options, selector_training, validate
-from cpds_exp.data import EditItem, prepare_image, to_pil
+from cpds_exp.claims import claimed_batches
+from cpds_exp.data import EditItem, prepare_image, to_pil, unique_names
 from cpds_exp.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
 from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
-from cpds_exp.models import load_stack, resolve_device
+from cpds_exp.models import SDStack, load_stack, resolve_device
 from cpds_exp.selector_training import summarise_rounds
-from cpds_exp.results import save_image, side_by_side, write_json, write_text
+from cpds_exp.naming import NON_SEMANTIC_KEYS
+from cpds_exp.results import read_record, save_image, side_by_side, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +54,19 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise CpdsError(f"cannot build {target}: {str(err).splitlines()[0]}") from err
 
 
-#: Config keys that do not change an edit's outcome: a finished edit is reused across them.
-NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
-                     "batch_size", "num_shards", "shard", "compile", "compile_mode", "compile_backend", "channels_last",
-                     "gradient_checkpointing")
+def without_keys(resolved: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a nested config without ``keys`` (dotted keys name a field of a group)."""
+    kept = {k: v for k, v in resolved.items() if k not in keys}
+    for key in keys:
+        group, _, field = key.partition(".")
+        if field and isinstance(kept.get(group), dict):
+            kept[group] = {k: v for k, v in kept[group].items() if k != field}
+    return kept
 
 
 def edit_fingerprint(resolved: dict[str, Any], item: EditItem) -> str:
     """A hash of everything that determines one edit's result: the config and the item."""
-    relevant = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS}
-    relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "limit"}
+    relevant = without_keys(resolved, NON_SEMANTIC_KEYS)
     relevant["item"] = [item.name, item.source_prompt, item.target_prompt, item.task]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -73,20 +79,34 @@ def image_stamp(item: EditItem) -> float | None:
         return None
 
 
-def finished_record(out: Path, fingerprint: str, item: EditItem) -> dict[str, Any] | None:
-    """The record of an edit already finished with the same fingerprint (resume), else None.
+@dataclass
+class PlannedEdit:
+    """An edit to do: its item, its output folder and the fingerprint its record will carry."""
 
-    A skipped unreadable image counts as finished until its file changes.
+    item: EditItem
+    out: Path
+    fingerprint: str
+
+
+def finished_record(edit: PlannedEdit, since: float | None = None) -> dict[str, Any] | None:
+    """The record of ``edit`` if it is finished with the same fingerprint (resume), else None.
+
+    A skipped unreadable image counts as finished until its file changes; with ``since`` (a
+    time), any record written after it counts (another process computed it during this run).
+    A missing or damaged record counts as not finished.
     """
-    try:
-        record = json.loads((out / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    path = edit.out / "summary.json"
+    record = read_record(path)
+    if record is None or record.get("fingerprint") != edit.fingerprint:
         return None
-    if record.get("fingerprint") != fingerprint:
-        return None
-    if record.get("status") == "done" and (out / "result.png").is_file():
+    if since is not None:
+        try:
+            return record if path.stat().st_mtime >= since else None
+        except OSError:
+            return None
+    if record.get("status") == "done" and (edit.out / "result.png").is_file():
         return record
-    if record.get("status") == "skipped" and record.get("image_mtime") == image_stamp(item):
+    if record.get("status") == "skipped" and record.get("image_mtime") == image_stamp(edit.item):
         return record
     return None
 
@@ -97,15 +117,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     A single edit writes into ``output_dir``; a dataset writes ``output_dir/edits/<item>/``.
     Finished edits with the same fingerprint are skipped unless ``force=true``; an unreadable
     image or a diverging edit among many is recorded and skipped, a lone one is an error.
+    Processes sharing ``output_dir`` claim edits before computing them and share the work.
     """
+    started = time.time()
     cfg = validate(cfg)
     output_dir = Path(output_dir)
-    settings = edit_settings(cfg)
     torch.manual_seed(cfg.seed)
-    training = selector_training(cfg)
+    settings, training = edit_settings(cfg), selector_training(cfg)
     make_selector = functools.partial(build, selector_options(cfg), seed=cfg.seed)
     make_selector()  # fail on a bad selector option before loading a model
-    dataset = build(cfg.dataset)
+    optimizer = build(cfg.optimizer)
+    dataset = unique_names(build(cfg.dataset))
     many = len(dataset) > 1  # a dataset's edits go in edits/<item>/, even in a shard of one
     items = dataset[cfg.shard:: cfg.num_shards]
     if not items:
@@ -117,47 +139,72 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
         log.info("method %s has no CUT term: selector=%s is not used", cfg.method.name, cfg.selector.name)
     if records:
         log.info("resuming: %d of %d edits are already done (force=true recomputes them)", len(records), len(items))
-    if not todo:
-        return records
+    if todo:
+        make_editor = functools.partial(Editor, settings=settings, make_selector=make_selector,
+                                        make_optimizer=optimizer, selector_training=training)
+        records += edit_all(cfg, resolved, todo, many, started, make_editor)
+    report_divergence(records, many)
+    report_unreadable(records, many)
+    return records
+
+
+def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit], many: bool, started: float,
+             make_editor: Callable[[SDStack], Editor]) -> list[dict[str, Any]]:
+    """Load the models and run the edits still to do, in claimed batches; their records."""
     device = resolve_device(job_device(cfg.device))
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
     stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
-    editor = Editor(stack, settings, make_selector, build(cfg.optimizer), training)
+    editor = make_editor(stack)
+    log.info("editing %d image(s) with %s on %s (pid %d)", len(todo), cfg.method.name, device, os.getpid())
+    records: list[dict[str, Any]] = []
     with tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
-        for first in range(0, len(todo), cfg.batch_size):
-            batch = todo[first: first + cfg.batch_size]
+        def done_elsewhere(record: dict[str, Any]) -> None:
+            records.append(record)
+            bar.update(1)
+
+        def done_meanwhile(edit: PlannedEdit) -> dict[str, Any] | None:
+            """Checked once claimed: another process may have finished the edit since this run looked."""
+            return finished_record(edit, since=started) or (None if cfg.force else finished_record(edit))
+
+        for batch in claimed_batches(todo, cfg.batch_size, cfg.claim_timeout_h, done_meanwhile, done_elsewhere):
             rows = []
-            for item, out, fingerprint in batch:
-                record = base_record(cfg, editor, item, fingerprint)
+            for edit in batch:
+                record = base_record(cfg, editor, edit.item, edit.fingerprint)
                 try:
-                    rows.append(PendingEdit(item, out, record, item.load()))
+                    rows.append(PendingEdit(edit.item, edit.out, record, edit.item.load()))
                 except CpdsError as err:
                     if not many:
                         raise
-                    log.warning("skipping %s: %s", item.name, err)
-                    record.update(status="skipped", reason=str(err), image_mtime=image_stamp(item))
-                    write_json(out / "summary.json", record)
+                    log.warning("skipping %s: %s", edit.item.name, err)
+                    record.update(status="skipped", reason=str(err), image_mtime=image_stamp(edit.item))
+                    write_json(edit.out / "summary.json", record)
                     records.append(record)
             if rows:
                 records += edit_batch(editor, metrics, rows, cfg, resolved)
             bar.update(len(batch))
-    report_divergence(records, many)
     return records
 
 
 def split_finished(cfg: DictConfig, resolved: dict[str, Any], items: list[EditItem], output_dir: Path,
-                   many: bool) -> tuple[list[dict[str, Any]], list[tuple[EditItem, Path, str]]]:
-    """The records of edits already finished (resume) and the (item, folder, fingerprint) still to do."""
+                   many: bool) -> tuple[list[dict[str, Any]], list[PlannedEdit]]:
+    """The records of edits already finished (resume) and the edits still to do."""
     records, todo = [], []
     for item in items:
-        out = output_dir / "edits" / item.name if many else output_dir
-        fingerprint = edit_fingerprint(resolved, item)
-        done = None if cfg.force else finished_record(out, fingerprint, item)
+        edit = PlannedEdit(item, output_dir / "edits" / item.name if many else output_dir,
+                           edit_fingerprint(resolved, item))
+        done = None if cfg.force else finished_record(edit)
         if done:
             records.append(done)
         else:
-            todo.append((item, out, fingerprint))
+            todo.append(edit)
     return records, todo
+
+
+def report_unreadable(records: list[dict[str, Any]], many: bool) -> None:
+    """A dataset none of whose images can be read is an error, not a run of skips."""
+    if many and records and all(r.get("status") == "skipped" for r in records):
+        raise CpdsError(f"none of the {len(records)} images could be read (e.g. {records[0]['image']}: "
+                        f"{records[0].get('reason')}): check dataset.path")
 
 
 def report_divergence(records: list[dict[str, Any]], many: bool) -> None:

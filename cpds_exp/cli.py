@@ -1,55 +1,172 @@
-"""The Hydra entry point behind `python run.py ...` and the `cpds-exp` console script."""
+"""The Hydra entry point behind `python run.py ...` and the `cpds-exp` console script.
+
+Every fault a user can meet ends in one line on stderr: bad input and faults of the environment
+(an unwritable folder, a full disk) exit 2, Ctrl-C exits 130. A sweep runs all its jobs, then
+exits 2 if any of them failed.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import sys
+import uuid
 from pathlib import Path
 
 import hydra
-from hydra.experimental.callback import Callback
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from cpds_exp.errors import CpdsError
+from cpds_exp.naming import check_folder_name, job_folder
+from cpds_exp.parent_watch import end_with_parent
 
 log = logging.getLogger("cpds_exp")
 
-# `${or_default:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
-OmegaConf.register_new_resolver("or_default", lambda value, default: default if value is None else value,
-                                replace=True)
+# `${folder_name:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
+OmegaConf.register_new_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
+    default if value is None else value, key), replace=True)
+OmegaConf.register_new_resolver("job_folder", lambda overrides: job_folder(list(overrides)), replace=True)
 
 FAILED_MARKER = "FAILED"
+#: "<pid>:<host>:<token>" of the sweep's process, set for its jobs (inherited by launcher workers)
+SWEEP_ENV = "CPDS_EXP_SWEEP"
+#: launchers whose jobs run as children of the sweep's process on this machine (not SLURM's)
+LOCAL_WORKER_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher."
+                          "submitit_launcher.LocalLauncher")
 
 #: conf/ beside the package (an editable install or a checkout); Hydra takes an absolute path.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+#: failures of jobs that ran in this process (the record when a FAILED file cannot be written)
+_failed_here: list[str] = []
+
+
+def fault_message(err: BaseException) -> str | None:
+    """The one line for a fault a user can act on, or None for a bug (which keeps its traceback)."""
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:
+        if isinstance(cause, CpdsError):
+            return str(cause)
+    if isinstance(err, (HydraException, OmegaConfBaseException)):  # before OSError: some are IOErrors
+        return config_error(err)
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ""
+        return (f"cannot write the run's files{where}: {err.strerror or err}; check that the output folder "
+                "(hydra.run.dir / hydra.sweep.dir) is writable and its disk has free space")
+    return None
+
+
+def config_error(err: Exception) -> str:
+    """Hydra's multi-line message about a bad override or group option, as one line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return f"invalid config: {type(err).__name__}"
+    if "Available options" in str(err):  # an unknown group option: list the choices
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[start + 1:] if "=" not in line and not line.endswith(":")]
+        return f"invalid config: {lines[0]}; available: {', '.join(options)}"
+    details = [line for line in lines[1:] if line.startswith(("Key ", "To append"))]
+    return "; ".join([f"invalid config: {lines[0].rstrip('.')}", *details])
+
+
+def main() -> None:
+    """Run Hydra; faults become one line (exit 2, Ctrl-C 130). HYDRA_FULL_ERROR=1 keeps tracebacks."""
+    keep_tracebacks = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra's exceptions reach us instead of printing them
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        print("error: interrupted; finished edits are kept: run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        message = None if keep_tracebacks else fault_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Run the configured edits; a CpdsError is one line on stderr (exit 2 for a single run)."""
+def hydra_main(cfg: DictConfig) -> None:
+    """One run or one job of a sweep. A failed job of a sweep leaves a FAILED file and the others go on."""
     from cpds_exp.app import run
 
     hydra_cfg = HydraConfig.get()
+    sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
+    if sweep_job:
+        follow_sweep_process(hydra_cfg.launcher.get("_target_", ""))
     marker = Path(hydra_cfg.runtime.output_dir) / FAILED_MARKER
     try:
         run(cfg, hydra_cfg.runtime.output_dir)
-        marker.unlink(missing_ok=True)
-    except CpdsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.RUN:
+    except Exception as err:
+        message = fault_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        if not sweep_job:
             sys.exit(2)
-        log.error("job %s failed: %s", hydra_cfg.job.num, err)
+        log.error("job %s failed: %s", hydra_cfg.job.num, message)
+        _failed_here.append(f"{Path(hydra_cfg.runtime.output_dir).name}: {message}")
+        write_failed_marker(marker, message)
+        return
+    if sweep_job:
+        marker.unlink(missing_ok=True)
+
+
+def write_failed_marker(marker: Path, message: str) -> None:
+    """The FAILED file of a job, tagged with the sweep that ran it (best effort: the disk may be full)."""
+    try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{err}\n")  # the other jobs go on; the sweep's exit status reports it
+        marker.write_text(json.dumps({"sweep": os.environ.get(SWEEP_ENV, ""), "error": message}) + "\n")
+    except OSError as err:
+        log.error("cannot write %s: %s", marker, err)
+
+
+def follow_sweep_process(launcher_target: str) -> None:
+    """In a worker of a local launcher: end this job when the sweep's process dies (kill -9)."""
+    pid, host, _ = (os.environ.get(SWEEP_ENV) or "::").split(":", 2)
+    if pid and int(pid) != os.getpid() and host == socket.gethostname() and \
+            launcher_target.startswith(LOCAL_WORKER_LAUNCHERS):
+        end_with_parent(int(pid))
 
 
 class FailedJobsCallback(Callback):
-    """At the end of a multirun: one line naming the failed jobs, and exit status 2."""
+    """Tags the jobs of this sweep; at its end, one line naming the failed jobs and exit status 2.
+
+    Only this sweep's FAILED files count (at any depth below the sweep folder), so an old
+    marker of a job that is not part of this sweep cannot fail it.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        os.environ[SWEEP_ENV] = f"{os.getpid()}:{socket.gethostname()}:{uuid.uuid4().hex}"
+        _failed_here.clear()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{FAILED_MARKER}"))
+        failed = dict.fromkeys(_failed_here)
+        for path in sorted(Path(config.hydra.sweep.dir).rglob(FAILED_MARKER)):
+            mine = read_failed_marker(path)
+            if mine is not None:
+                failed.setdefault(f"{path.parent.name}: {mine}")
         if failed:
-            print(f"error: {len(failed)} job(s) of the sweep failed, e.g. {failed[0].parent.name}: "
-                  f"{failed[0].read_text().strip()}", file=sys.stderr)
+            print(f"error: {len(failed)} job(s) of the sweep failed, e.g. {next(iter(failed))}", file=sys.stderr)
             sys.exit(2)
+
+
+def read_failed_marker(path: Path) -> str | None:
+    """The error of a FAILED file written by a job of the running sweep, else None."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(marker, dict) and marker.get("sweep") == os.environ.get(SWEEP_ENV):
+        return str(marker.get("error"))
+    return None

@@ -5,6 +5,7 @@ wrong type fails with one line instead of surfacing deep inside the loop.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
@@ -15,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cpds_exp.editor import EditSettings
 from cpds_exp.errors import CpdsError
 from cpds_exp.metrics import MetricsConfig
+from cpds_exp.naming import check_folder_name
 from cpds_exp.selector_training import SelectorTraining
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
@@ -77,6 +79,7 @@ class AppConfig:
     num_shards: int = 1
     shard: int = 0
     force: bool = False
+    claim_timeout_h: Optional[float] = 24.0
     seed: int = 0
     lr: Optional[float] = None
     iterations: int = 200
@@ -120,6 +123,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise CpdsError(f"missing config value(s) {', '.join(missing)}: set them on the command line, "
                         f"e.g. {missing[0]}=...")
     lr = typed.lr if typed.lr is not None else typed.method.lr
+    if typed.sweep_name is not None:
+        check_folder_name(typed.sweep_name, "sweep_name")
+    defaults = {f.name: f.default for f in fields(AppConfig)}
+    for key in ("guidance_scale", "w_dds", "w_cut", "tau"):  # NaN/Inf would load the model, then diverge
+        if not math.isfinite(typed[key]):
+            raise CpdsError(f"{key}={typed[key]} must be a finite number (the default is {defaults[key]})")
     checks = [
         (0 < lr < FLOAT32_MAX, f"lr={lr} must be positive and finite (the method's default is {typed.method.lr})"),
         (typed.iterations > 0, f"iterations={typed.iterations} must be positive (the paper uses 200)"),
@@ -136,6 +145,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         (typed.batch_size > 0, f"batch_size={typed.batch_size} must be positive"),
         (typed.num_shards > 0 and 0 <= typed.shard < typed.num_shards,
          f"shard={typed.shard} with num_shards={typed.num_shards}: need 0 <= shard < num_shards"),
+        (typed.claim_timeout_h is None or typed.claim_timeout_h > 0,
+         f"claim_timeout_h={typed.claim_timeout_h} must be positive hours, or null to never take a claim over"),
         (typed.snapshot_every >= 0, f"snapshot_every={typed.snapshot_every} must be >= 0 (0 turns snapshots off)"),
     ]
     for ok, message in checks:

@@ -6,7 +6,6 @@ A sweep directory holds one ``summary.json`` record per edit (any depth: jobs, s
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from cpds_exp.results import csv_text, save_image, write_text
+from cpds_exp.results import csv_text, read_record, save_image, write_text
 
 METRICS = ("clip", "lpips")
 METHOD_ORDER = ("dds", "cds", "pds", "cpds", "cds_matched")
@@ -35,24 +34,33 @@ PAPER_TABLE2 = {
 PAPER = {"method": PAPER_TABLE1, "selector": PAPER_TABLE2}
 
 
-def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every edit record under ``sweep_dir`` (jobs and shards merged), with ``_dir`` set to its folder.
+#: what a record needs to be placed in a table (anything else may be missing)
+REQUIRED_KEYS = ("fingerprint", "status", "image")
+
+
+def scan_records(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Every edit record under ``sweep_dir`` (jobs and shards merged), with ``_dir`` set to its
+    folder, and the records that cannot be read (damaged files are listed, not fatal).
 
     The same edit found twice (a sweep re-run with another sharding) counts once: the newest.
     """
     by_edit: dict[str, tuple[float, dict[str, Any]]] = {}
+    unreadable = []
     for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if "fingerprint" not in record:
+        record = read_record(path)
+        if record is None or not all(isinstance(record.get(key), str) for key in REQUIRED_KEYS):
+            unreadable.append(path)
             continue
         record["_dir"] = str(path.parent)
         stamp = path.stat().st_mtime
         if record["fingerprint"] not in by_edit or stamp > by_edit[record["fingerprint"]][0]:
             by_edit[record["fingerprint"]] = (stamp, record)
-    return [record for _, record in sorted(by_edit.values(), key=lambda pair: pair[1]["_dir"])]
+    return [record for _, record in sorted(by_edit.values(), key=lambda pair: pair[1]["_dir"])], unreadable
+
+
+def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The readable edit records under ``sweep_dir`` (see :func:`scan_records`)."""
+    return scan_records(sweep_dir)[0]
 
 
 def _ordered(values: Iterable[Any], key: str) -> list[Any]:
@@ -222,7 +230,7 @@ def accuracy_plot(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
 def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = "task", paper: bool = False,
                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write table.md, table.csv, comparison grids and the accuracy plot into ``<sweep>/report``."""
-    records = load_records(sweep_dir)
+    records, unreadable = scan_records(sweep_dir)
     if not records:
         raise FileNotFoundError(f"no edit records (summary.json) under {sweep_dir}")
     rows = rows or infer_rows(records)
@@ -241,4 +249,5 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
     for record in records:
         counts[record.get("status", "unknown")] += 1
     return {"records": records, "rows": rows, "table": table, "markdown": markdown, "grids": grids,
-            "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": dict(counts), "out": out}
+            "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": dict(counts), "out": out,
+            "unreadable": unreadable}

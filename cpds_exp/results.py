@@ -40,6 +40,16 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A JSON record (summary.json) as a dict, or None when it is missing or damaged in any way
+    (unreadable, not UTF-8, not JSON, not an object): such an edit counts as not done."""
+    try:
+        record = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
     """Rows as CSV text; ``columns`` picks and orders them (default: every key, first seen first)."""
     columns = list(columns or dict.fromkeys(k for row in rows for k in row))

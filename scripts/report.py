@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(report["markdown"])
     print(f"{report['counts']} edits; written to {report['out']}")
+    if report["unreadable"]:
+        print(f"{len(report['unreadable'])} unreadable record(s), left out (re-run the sweep to recompute them):",
+              *report["unreadable"], sep="\n  ", file=sys.stderr)
     sweep_name = next((r["sweep_name"] for r in report["records"] if r.get("sweep_name")), args.sweep_dir.name)
     if args.wandb:
         from cpds_exp.wandb_report import log_report

@@ -1,13 +1,16 @@
 """Datasets (folder, manifest), bad input among good, and resume without repeating an edit."""
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cpds_exp.app import run
-from cpds_exp.data import folder, manifest
+from cpds_exp.data import EditItem, folder, load_image, manifest, single, unique_names
+from cpds_exp.naming import safe_name
 from cpds_exp.errors import CpdsError
 
 FAST = ("model=tiny", "metrics=random", "logger=none", "iterations=2", "progress=false", "n_patches=8")
@@ -38,8 +41,9 @@ def test_empty_or_missing_folder_is_one_line(tmp_path):
         folder(str(tmp_path / "nope"), "a cat", "a dog")
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig"])  # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
-def test_manifest_rows(tmp_path, kind):
+def test_manifest_rows(tmp_path, kind, encoding):
     make_photos(tmp_path / "img", count=2)
     rows = [("img/cat0.png", "a cat", "a dog"), ("img/cat1.png", "a cat", "a fox")]
     if kind == "csv":
@@ -47,7 +51,7 @@ def test_manifest_rows(tmp_path, kind):
     else:
         text = "".join(json.dumps(dict(image=a, source_prompt=b, target_prompt=c)) + "\n" for a, b, c in rows)
     path = tmp_path / f"edits.{kind}"
-    path.write_text(text)
+    path.write_text(text, encoding=encoding)
     items = manifest(str(path))
     assert [(i.name, i.target_prompt) for i in items] == [("00000_cat0", "a dog"), ("00001_cat1", "a fox")]
     assert items[1].load().size == (56, 40)
@@ -60,8 +64,112 @@ def test_manifest_missing_column_and_empty_prompt(tmp_path):
         manifest(str(bad))
     empty = tmp_path / "empty.csv"
     empty.write_text("image,source_prompt,target_prompt\ncat.png,a cat, \n")
-    with pytest.raises(CpdsError, match="row 1 has an empty prompt"):
+    with pytest.raises(CpdsError, match="line 2 has no target_prompt"):
         manifest(str(empty))
+
+
+def make_bomb(path):
+    """A tiny PNG whose header claims 20000x10000 pixels: Pillow refuses it as a decompression bomb."""
+    Image.new("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 10000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def one_line_error(call, *args) -> str:
+    with pytest.raises(CpdsError) as err:
+        call(*args)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_unreadable_images_are_one_line_errors(tmp_path):
+    photo = make_photos(tmp_path, count=1, size=(64, 64)) / "cat0.png"
+    make_bomb(tmp_path / "bomb.png")
+    assert "DecompressionBombError" in one_line_error(load_image, tmp_path / "bomb.png")
+    Image.open(photo).save(tmp_path / "cat0.jpg", quality=95)
+    for name in ("cat0.png", "cat0.jpg"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(whole[: len(whole) // 2])
+        assert "cannot be read as an image" in one_line_error(load_image, tmp_path / f"cut-{name}")
+
+
+@pytest.mark.parametrize("dtype, top, suffix", [("uint16", 65535, "png"), ("int32", 65535, "tif"),
+                                                ("float32", 1.0, "tif")])
+def test_high_bit_depth_greyscale_is_scaled_not_clipped(tmp_path, dtype, top, suffix):
+    ramp = np.linspace(0, top, 256).astype(dtype)[None].repeat(4, axis=0)
+    Image.fromarray(ramp).save(tmp_path / f"ramp.{suffix}")
+    loaded = np.asarray(load_image(tmp_path / f"ramp.{suffix}")).astype(int)
+    assert (loaded == loaded[..., :1]).all()  # grey
+    row = loaded[0, :, 0]
+    assert row[0] == 0 and row[-1] == 255 and (np.diff(row) >= 0).all() and len(set(row)) > 200
+
+
+def test_manifest_errors_name_the_file_line_and_problem(tmp_path):
+    make_photos(tmp_path / "img", count=1)
+    header, good = "image,source_prompt,target_prompt\n", "img/cat0.png,a cat,a dog\n"
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes((header + good + "img/cat0.png,a cat,a dog in a café\n").encode("latin-1"))
+    assert "latin.csv' line 3 is not UTF-8" in one_line_error(manifest, str(latin))
+    short = tmp_path / "short.csv"
+    short.write_text(header + good + "img/cat0.png,a cat\n")  # too few fields, on the third line
+    assert "short.csv' line 3 has no target_prompt" in one_line_error(manifest, str(short))
+    row = json.dumps(dict(image="img/cat0.png", source_prompt="a cat", target_prompt="a dog"))
+    for line, problem in (("[1, 2]", "line 3 is not a JSON object"), ('"abc"', "line 3 is not a JSON object"),
+                          (json.dumps(dict(image="img/cat0.png", target_prompt="a dog")), "line 3 has no source_prompt"),
+                          (json.dumps(dict(image=None, source_prompt="a", target_prompt="b")), "line 3 has no image")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(f"{row}\n\n{line}\n")
+        assert f"bad.jsonl' {problem}" in one_line_error(manifest, str(bad))
+
+
+@pytest.mark.parametrize("text, expected", [("../../x", "x"), ("/abs/x", "abs_x"), ("cat0-a_dog", "cat0-a_dog"),
+                                            ("a red fox!", "a_red_fox"), ("un café à Zürich 🐱", "un_cafe_a_Zurich")])
+def test_safe_name_is_readable(text, expected):
+    assert safe_name(text) == expected
+
+
+@pytest.mark.parametrize("text", ["..", "", ".", "/", "猫", "a" * 1000, "a photo of " * 100])
+def test_safe_name_is_always_a_usable_folder(tmp_path, text):
+    name = safe_name(text)
+    assert name and len(name) <= 80 and not name.startswith(".") and name == safe_name(name)
+    (tmp_path / name).mkdir()
+    assert (tmp_path / name).parent == tmp_path
+    assert safe_name(text + "b") != name  # distinct texts stay distinct, however long
+
+
+def test_manifest_names_stay_inside_the_run_folder(tmp_path):
+    make_photos(tmp_path / "img", count=1)
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps(dict(image="img/cat0.png", source_prompt="a cat", target_prompt="a dog",
+                                            name=name)) + "\n" for name in ("../../x", "/abs/y", "..")))
+    names = [item.name for item in manifest(str(path))]
+    assert names[:2] == ["x", "abs_y"] and not names[2].startswith(".")
+
+
+def test_colliding_names_get_stable_suffixes(tmp_path):
+    photo = make_photos(tmp_path / "img", count=2)
+    rows = [("img/cat0.png", "a dog", "same"), ("img/cat1.png", "a fox", "same"), ("img/cat1.png", "a fox", "own"),
+            ("img/cat0.png", "a dog", "twice"), ("img/cat0.png", "a dog", "twice"), ("img/cat0.png", "a pig", "Own")]
+    for order in (rows, rows[::-1]):
+        (tmp_path / "m.csv").write_text("image,source_prompt,target_prompt,name\n" +
+                                        "".join(f"{a},a cat,{b},{c}\n" for a, b, c in order))
+        items = manifest(str(tmp_path / "m.csv"))
+        names = {(i.path.name, i.target_prompt, i.name) for i in items}
+        assert len({i.name.lower() for i in items}) == len(items)  # distinct even on a case-insensitive disk
+        assert unique_names(items) == items  # idempotent
+        if order is rows:
+            first = names
+            assert [i.name for i in items][:2] != ["same", "same"] and items[0].name.startswith("same-")
+        else:
+            assert names == first  # a row's folder does not depend on the order of the rows
+    unique = [EditItem("cat0", "a cat", "a dog"), EditItem("cat1", "a cat", "a dog")]
+    assert unique_names(unique) == unique
+    edits = single(str(photo / "cat0.png"), "a cat", ["a dog!", "a dog?", "a fox"])
+    assert len({i.name for i in edits}) == 3 and edits[2].name == "cat0-a_fox"
+    assert edits[0].name.startswith("cat0-a_dog-")
 
 
 def test_dataset_run_skips_and_records_an_unreadable_image(compose_config, tmp_path):

@@ -31,13 +31,14 @@ def test_sharded_sweep_edits_everything_once_and_merges(tmp_path, launcher):
     records = load_records(sweep)
     counts = Counter((r["image"], r["task"], r["method"]) for r in records if r["status"] == "done")
     assert counts == {(f"cat{i}", "cat2cow", m): 1 for i in range(3) for m in ("dds", "cds")}
-    shard_dirs = {r["_dir"].split("/")[-3] for r in records}
-    assert len(shard_dirs) == 4 and all(("shard=0" in d) != ("shard=1" in d) for d in shard_dirs)
+    job_dirs = {r["_dir"].split("/")[-3] for r in records}
+    assert len(job_dirs) == 2 and not any("shard" in d for d in job_dirs)  # the shards of a job share its folder
     report = build_report(sweep)
     assert [(e["method"], e["n"]) for e in report["table"]] == [("dds", 3), ("cds", 3)]
 
-    if launcher == "joblib":  # a job that died: its folder is gone; the re-run fills exactly that gap
-        [dead] = [p for p in sweep.iterdir() if "method=cds" in p.name and "shard=0" in p.name]
+    if launcher == "joblib":  # an edit lost with its folder: the re-run fills exactly that gap
+        [job] = [p for p in sweep.iterdir() if "method=cds" in p.name]
+        dead = job / "edits" / "cat0"
         survivors = {p: os.stat(p).st_mtime_ns for p in sweep.rglob("result.png") if dead not in p.parents}
         shutil.rmtree(dead)
         again = sharded_sweep(launcher, photos, sweep, tmp_path)
