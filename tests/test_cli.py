@@ -7,15 +7,39 @@ import sys
 import pytest
 
 from conftest import OFFLINE_ENV, REPO
-from wandb_offline import read_run
+from wandb_offline import finished_run_file, read_run
 
 METHODS = ("dds", "pds", "cds", "cpds")
 
 
-def run_py(*args, cwd):
+def child_env() -> dict[str, str]:
+    """The environment of a child process: offline, and with its own W&B service (not this
+    process's), so that the child's exit means its W&B files are whole."""
     env = {**os.environ, **OFFLINE_ENV}
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+    env.pop("WANDB_SERVICE", None)
+    return env
+
+
+def run_py(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=600)
+
+
+def start_run_py(*args, cwd):
+    """`python run.py ...` in the background, stdout and stderr merged, read line by line."""
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=child_env())
+
+
+def read_until(proc, text: str, count: int = 1) -> list[str]:
+    """Lines of ``proc`` up to the ``count``-th holding ``text`` (a blocking read: an event, not a timer)."""
+    lines, seen = [], 0
+    for line in proc.stdout:
+        lines.append(line)
+        seen += text in line
+        if seen == count:
+            return lines
+    raise AssertionError(f"the process ended before printing {text!r} {count}x:\n{''.join(lines)[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +73,7 @@ def test_every_method_writes_its_outputs(sweep, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_offline_wandb_run_holds_the_logged_keys(sweep, method):
-    [run_file] = (job_dir(sweep, method) / "wandb").glob("offline-run-*/run-*.wandb")
-    logged = read_run(run_file)
+    logged = read_run(finished_run_file(job_dir(sweep, method)))
     assert logged["config"]["method"]["name"] == method
     assert logged["config"]["lr"] is None and logged["config"]["iterations"] == 4
     steps = [row for row in logged["history"] if "score/grad_norm" in row]
@@ -103,8 +126,7 @@ def test_batched_edits_log_one_wandb_run_each(compose_config, tmp_path):
                        "method=cds", "dataset=cats", f"dataset.path={photos}", "batch_size=2", "log_every=3"),
         tmp_path / "out")
     for name in ("cat0", "cat1"):
-        [run_file] = (tmp_path / "out/edits" / name / "wandb").glob("offline-run-*/run-*.wandb")
-        logged = read_run(run_file)
+        logged = read_run(finished_run_file(tmp_path / "out/edits" / name))  # W&B ran in this process
         assert [row["iteration"] for row in logged["history"] if "cut/total" in row] == [1, 2, 3, 4]
         assert logged["summary"]["metrics/clip"] is not None
 

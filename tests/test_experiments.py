@@ -1,15 +1,11 @@
 """Each paper experiment as a small multirun sweep on generated images, then its report."""
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import REPO
 from cpds_exp.report import build_report
-from test_cli import run_py
+from test_cli import read_until, run_py, start_run_py
 from test_datasets import make_photos
 
 SMALL = ("model=tiny", "metrics=random", "logger=none", "iterations=2", "progress=false", "n_patches=8",
@@ -53,21 +49,14 @@ def count_records(sweep):
 
 def test_interrupted_sweep_resumes_without_repeating_an_edit(tmp_path, photos):
     sweep = tmp_path / "sweep"
-    args = [sys.executable, str(REPO / "run.py"), "+experiment=table2", *SMALL, "iterations=6",
-            f"dataset.path={photos}", f"hydra.sweep.dir={sweep}"]
-    from conftest import OFFLINE_ENV
-    import os
-
-    env = {**os.environ, **OFFLINE_ENV}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while count_records(sweep) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    args = ["+experiment=table2", *SMALL, "iterations=6", f"dataset.path={photos}", f"hydra.sweep.dir={sweep}"]
+    proc = start_run_py(*args, cwd=tmp_path)
+    read_until(proc, "written to", count=3)  # three edits finished: kill -9 now
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished_before = count_records(sweep)
-    assert 3 <= finished_before < 10, "the sweep should have been killed part-way"
-    again = run_py(*args[2:], cwd=tmp_path)
+    assert finished_before >= 3
+    again = run_py(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     redone = again.stderr.count("written to") + again.stdout.count("written to")
     assert redone == 10 - finished_before  # only the missing edits ran

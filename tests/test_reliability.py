@@ -10,13 +10,13 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import OFFLINE_ENV, REPO
+from conftest import REPO
 from cpds_exp.app import run
 from cpds_exp.claims import try_claim, wait_for_claim
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import job_folder
 from cpds_exp.report import build_report
-from test_cli import run_py
+from test_cli import child_env, read_until, run_py, start_run_py
 from test_datasets import FAST, make_bomb, make_photos
 
 TINY = ("model=tiny", "metrics=random", "logger=none", "iterations=1", "progress=false", "n_patches=8")
@@ -138,7 +138,7 @@ def test_report_script_lists_unreadable_records(tmp_path):
     (tmp_path / "job" / "edits" / "b").mkdir()
     (tmp_path / "job" / "edits" / "b" / "summary.json").write_bytes(b"\xff")
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(tmp_path)], capture_output=True,
-                          text=True, env={**os.environ, **OFFLINE_ENV})
+                          text=True, env=child_env())
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert "1 unreadable record(s)" in proc.stderr and "edits/b/summary.json" in proc.stderr
 
@@ -190,28 +190,11 @@ def test_a_full_disk_is_one_line_and_finished_records_stay_whole(tmp_path):
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("summary.json")}
     (tmp_path / "full_disk.py").write_text(FULL_DISK)
     proc = subprocess.run([sys.executable, str(tmp_path / "full_disk.py"), *args, "force=true"], cwd=tmp_path,
-                          capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=600)
+                          capture_output=True, text=True, env=child_env(), timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "No space left on device" in last_line(proc) and last_line(proc).startswith("error: cannot write")
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("summary.json")} == before
     assert not list((tmp_path / "out").rglob("*.tmp"))
-
-
-def start_run_py(*args, cwd):
-    """`python run.py ...` in the background, stdout and stderr merged, read line by line."""
-    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **OFFLINE_ENV})
-
-
-def read_until(proc, text: str, count: int = 1) -> list[str]:
-    """Lines of ``proc`` up to the ``count``-th holding ``text`` (a blocking read: an event, not a timer)."""
-    lines, seen = [], 0
-    for line in proc.stdout:
-        lines.append(line)
-        seen += text in line
-        if seen == count:
-            return lines
-    raise AssertionError(f"the process ended before printing {text!r} {count}x:\n{''.join(lines)[-3000:]}")
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):

@@ -3,6 +3,20 @@
 The ``.wandb`` file is a 7-byte ':W&B' header followed by a LevelDB-style log of 32 KiB
 blocks; each record has a 7-byte header (crc32, length, type: full / first / middle / last)
 and the payload of full or reassembled records is a protobuf ``Record``.
+
+When is the file complete? Not when ``run.finish()`` returns. wandb-core (the service process)
+buffers the log in memory and writes it out when the run's stream closes; ``finish()`` waits for
+the exit record to be handled, then only *sends* the "finish" message that closes the stream, and
+returns without waiting for it. ``wandb.teardown()`` does wait: it sends "teardown" on the same
+connection, which the service handles after the "finish" messages (one connection's requests are
+handled in order, and handling "finish" returns once the stream's writer has closed the file), and
+it then joins the service process. So:
+
+* a run made in this process: ``finished_run_file(folder)`` calls ``wandb.teardown()`` first;
+* a run made in a child process that started its own service: the child's exit is the event
+  (its atexit hook runs the same teardown), so read after ``subprocess.run`` returns;
+* either way ``read_run`` insists on the run's exit record, which wandb writes last, so a file
+  read too early fails loudly instead of quietly giving fewer rows.
 """
 from __future__ import annotations
 
@@ -26,11 +40,13 @@ def _payloads(data: bytes):
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        chunk = data[pos + HEADER: pos + HEADER + length]
-        pos += HEADER + length
         if kind == 0 and length == 0:
             pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
             continue
+        if pos + HEADER + length > len(data):  # cut off mid-record: the caller sees no exit record
+            return
+        chunk = data[pos + HEADER: pos + HEADER + length]
+        pos += HEADER + length
         if kind == FULL:
             yield chunk
         elif kind == FIRST:
@@ -42,9 +58,31 @@ def _payloads(data: bytes):
             pending = b""
 
 
+def finished_run_file(folder: str | Path) -> Path:
+    """The one offline run file under ``folder`` (the ``dir`` given to wandb.init), once W&B has
+    finished writing it.
+
+    ``wandb.teardown()`` returns only after this process's W&B service has closed every run
+    file and exited (see the module's docstring); it does nothing when this process never
+    started W&B (a run logged by a child process is finished once the child has exited).
+    The next ``wandb.init`` starts a fresh service.
+    """
+    import wandb
+
+    wandb.teardown()
+    files = sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, f"expected one offline W&B run under {folder}, found {files}"
+    return files[0]
+
+
 def read_run(path: str | Path) -> dict:
-    """{'history': [ {key: value} per step ], 'config': {...}, 'summary': {...}} of one offline run."""
+    """{'history': [ {key: value} per step ], 'config': {...}, 'summary': {...}} of one finished offline run.
+
+    Fails if the file has no exit record yet (the W&B service is still writing it): get the path
+    from ``finished_run_file``.
+    """
     history, config, summary = [], {}, {}
+    exited = False
     for payload in _payloads(Path(path).read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -59,4 +97,8 @@ def read_run(path: str | Path) -> dict:
         elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "exit":
+            exited = True
+    assert exited, (f"{path} has no exit record: W&B has not finished writing it "
+                    "(read it via finished_run_file, or after the process that logged it has exited)")
     return {"history": history, "config": config, "summary": summary}
