@@ -6,6 +6,7 @@ gathered per batch element, so every image of a batch may have its own timestep.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 import torch
@@ -30,15 +31,26 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+#: ᾱ tables copied to a device, by (id of the scheduler's tensor, device). Each entry keeps a weak
+#: reference to its source tensor: a hit must be that very tensor (an id is reused once its
+#: object is freed), and the entry goes when the tensor does.
+_TABLES: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _forget(key: tuple[int, torch.device], source: weakref.ref) -> None:
+    if key in _TABLES and _TABLES[key][0] is source:
+        del _TABLES[key]
 
 
 def _alpha_bar_table(scheduler: NoiseSchedule, device: torch.device) -> torch.Tensor:
     """ᾱ in float64 on ``device``, copied there once: indexing it then never waits for the GPU."""
-    key = (id(scheduler.alphas_cumprod), device)
-    if key not in _TABLES:
-        _TABLES[key] = scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
-    return _TABLES[key]
+    source = scheduler.alphas_cumprod
+    key = (id(source), device)
+    cached = _TABLES.get(key)
+    if cached is None or cached[0]() is not source:
+        reference = weakref.ref(source, lambda ref, key=key: _forget(key, ref))
+        _TABLES[key] = (reference, source.to(device=device, dtype=torch.float64))
+    return _TABLES[key][1]
 
 
 def alpha_bar(scheduler: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:

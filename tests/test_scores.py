@@ -104,3 +104,17 @@ def test_add_noise_matches_diffusers():
     z, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 700])
     assert torch.allclose(add_noise(z, noise, t, sched), sched.add_noise(z, noise, t), atol=1e-6)
+
+
+def test_alpha_bar_cache_follows_the_schedule_not_a_reused_id():
+    import gc
+
+    from cpds_exp import scores
+
+    t = torch.tensor([10, 500, 999])
+    for start in (1e-4, 1e-3, 5e-3, 1e-2):  # schedules built and freed: ids are often reused
+        schedule = SimpleNamespace(alphas_cumprod=torch.cumprod(1 - torch.linspace(start, 0.02, 1000), 0))
+        assert torch.equal(scores.alpha_bar(schedule, t), schedule.alphas_cumprod[t].double())
+        del schedule
+        gc.collect()
+    assert all(ref() is not None for ref, _ in scores._TABLES.values())  # no table outlives its schedule
