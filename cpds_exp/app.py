@@ -26,7 +26,7 @@ from cpds_exp.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
 from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
-from cpds_exp.models import SDStack, load_stack, resolve_device
+from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
 from cpds_exp.selector_training import summarise_rounds
 from cpds_exp.naming import NON_SEMANTIC_KEYS
 from cpds_exp.results import read_record, save_image, side_by_side, write_json, write_text
@@ -91,9 +91,9 @@ class PlannedEdit:
 def finished_record(edit: PlannedEdit, since: float | None = None) -> dict[str, Any] | None:
     """The record of ``edit`` if it is finished with the same fingerprint (resume), else None.
 
-    A skipped unreadable image counts as finished until its file changes; with ``since`` (a
-    time), any record written after it counts (another process computed it during this run).
-    A missing or damaged record counts as not finished.
+    A diverged edit is final; a skipped unreadable image counts as finished until its file
+    changes; with ``since`` (a time), any record written after it counts (another process
+    computed it during this run). A missing or damaged record counts as not finished.
     """
     path = edit.out / "summary.json"
     record = read_record(path)
@@ -105,6 +105,8 @@ def finished_record(edit: PlannedEdit, since: float | None = None) -> dict[str, 
         except OSError:
             return None
     if record.get("status") == "done" and (edit.out / "result.png").is_file():
+        return record
+    if record.get("status") == "diverged":  # final: the same config diverges again (force=true retries)
         return record
     if record.get("status") == "skipped" and record.get("image_mtime") == image_stamp(edit.item):
         return record
@@ -134,7 +136,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
         raise CpdsError(f"shard {cfg.shard} of {cfg.num_shards} is empty: the dataset has fewer items than shards")
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    records, todo = split_finished(cfg, resolved, items, output_dir, many)
+    device = resolve_device(job_device(cfg.device))
+    dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    records, todo = split_finished(cfg, {**resolved, "dtype": dtype}, items, output_dir, many)
     if not cfg.method.cut and "name" in cfg.selector and cfg.selector.name != "random":
         log.info("method %s has no CUT term: selector=%s is not used", cfg.method.name, cfg.selector.name)
     if records:
@@ -142,16 +146,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     if todo:
         make_editor = functools.partial(Editor, settings=settings, make_selector=make_selector,
                                         make_optimizer=optimizer, selector_training=training)
-        records += edit_all(cfg, resolved, todo, many, started, make_editor)
+        records += edit_all(cfg, resolved, todo, many, started, device, make_editor)
     report_divergence(records, many)
     report_unreadable(records, many)
     return records
 
 
 def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit], many: bool, started: float,
-             make_editor: Callable[[SDStack], Editor]) -> list[dict[str, Any]]:
+             device: torch.device, make_editor: Callable[[SDStack], Editor]) -> list[dict[str, Any]]:
     """Load the models and run the edits still to do, in claimed batches; their records."""
-    device = resolve_device(job_device(cfg.device))
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
     stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
     editor = make_editor(stack)
@@ -185,13 +188,14 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
     return records
 
 
-def split_finished(cfg: DictConfig, resolved: dict[str, Any], items: list[EditItem], output_dir: Path,
+def split_finished(cfg: DictConfig, semantic: dict[str, Any], items: list[EditItem], output_dir: Path,
                    many: bool) -> tuple[list[dict[str, Any]], list[PlannedEdit]]:
-    """The records of edits already finished (resume) and the edits still to do."""
+    """The records of edits already finished (resume) and the edits still to do; ``semantic`` is
+    the resolved config with the resolved dtype (``auto`` is float16 on CUDA, float32 on CPU)."""
     records, todo = [], []
     for item in items:
         edit = PlannedEdit(item, output_dir / "edits" / item.name if many else output_dir,
-                           edit_fingerprint(resolved, item))
+                           edit_fingerprint(semantic, item))
         done = None if cfg.force else finished_record(edit)
         if done:
             records.append(done)

@@ -130,6 +130,32 @@ def test_damaged_records_are_recomputed_by_the_run_and_listed_by_the_report(comp
     assert json.loads(record.read_text())["status"] == "done"
 
 
+def test_diverged_edits_are_final_until_forced(compose_config, tmp_path):
+    cfg = compose_config(*FAST, "method=dds", "lr=3e38", "dataset=cats", f"dataset.path={make_photos(tmp_path / 'c', 2)}")
+    records = run(cfg, tmp_path / "out")
+    assert [r["status"] for r in records] == ["diverged", "diverged"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("summary.json")}
+    assert [r["status"] for r in run(cfg, tmp_path / "out")] == ["diverged", "diverged"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("summary.json")} == stamps  # not recomputed
+    run(compose_config(*FAST, "method=dds", "lr=3e38", "dataset=cats", f"dataset.path={tmp_path / 'c'}", "force=true"),
+        tmp_path / "out")
+    assert all(p.stat().st_mtime_ns != stamp for p, stamp in stamps.items())
+
+
+def test_the_fingerprint_holds_the_resolved_dtype(compose_config, tmp_path):
+    photos = make_photos(tmp_path / "c", 1)
+    [auto] = run(compose_config(*FAST, "dataset=single", f"dataset.image={photos / 'cat0.png'}",
+                                "dataset.source_prompt=a cat", "dataset.target_prompt=a dog"), tmp_path / "a")
+    [explicit] = run(compose_config(*FAST, "dataset=single", f"dataset.image={photos / 'cat0.png'}",
+                                    "dataset.source_prompt=a cat", "dataset.target_prompt=a dog", "dtype=float32"),
+                     tmp_path / "b")
+    assert auto["fingerprint"] == explicit["fingerprint"]  # auto is float32 on the CPU: the same edit
+    [half] = run(compose_config(*FAST, "dataset=single", f"dataset.image={photos / 'cat0.png'}",
+                                "dataset.source_prompt=a cat", "dataset.target_prompt=a dog", "dtype=bfloat16"),
+                 tmp_path / "c16")
+    assert half["dtype"] == "bfloat16" and half["fingerprint"] != auto["fingerprint"]
+
+
 def test_report_script_lists_unreadable_records(tmp_path):
     good = tmp_path / "job" / "edits" / "a"
     good.mkdir(parents=True)
