@@ -87,29 +87,45 @@ def mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def protocol_of(record: dict[str, Any]) -> str:
+    """The evaluation protocol a record's metrics were computed under (never mixed in one cell)."""
+    return str(record.get("metrics_protocol") or "unrecorded")
+
+
 def summarise(records: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> list[dict[str, Any]]:
-    """One entry per (row, column) cell: n and the mean and s.e. of each metric over finished edits."""
+    """One entry per (row, column, protocol) cell: n done, n diverged, n skipped, and the mean and
+    s.e. of each metric over the finished edits."""
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
-        if record.get("status") == "done":
-            cells[(record.get(rows), record.get(columns))].append(record)
+        cells[(record.get(rows), record.get(columns), protocol_of(record))].append(record)
     table = []
-    for row in _ordered((k[0] for k in cells), rows):
-        for column in _ordered((k[1] for k in cells if k[0] == row), columns):
-            group = cells[(row, column)]
-            entry = {rows: row, columns: column, "n": len(group)}
-            for metric in METRICS:
-                values = [r[metric] for r in group if r.get(metric) is not None]
-                entry[metric], entry[f"{metric}_sem"] = mean_and_sem(values) if values else (None, None)
-            table.append(entry)
+    for row in _ordered({k[0] for k in cells}, rows):
+        for column in _ordered({k[1] for k in cells if k[0] == row}, columns):
+            for protocol in sorted({k[2] for k in cells if k[:2] == (row, column)}):
+                group = cells[(row, column, protocol)]
+                done = [r for r in group if r.get("status") == "done"]
+                entry = {rows: row, columns: column, "protocol": protocol, "n": len(done),
+                         "n_diverged": sum(r.get("status") == "diverged" for r in group),
+                         "n_skipped": sum(r.get("status") == "skipped" for r in group)}
+                for metric in METRICS:
+                    values = [r[metric] for r in done if r.get(metric) is not None]
+                    entry[metric], entry[f"{metric}_sem"] = mean_and_sem(values) if values else (None, None)
+                table.append(entry)
     return table
 
 
+#: Why the paper's numbers stand only beside records of the published protocol (SPEC §5).
+PAPER_NOTE = ("The paper's numbers stand only beside cells of metrics.protocol=published: its evaluation "
+              "fed CLIP near-black images (pixels in [0, 1/255]), so the paper's CLIP column (0.244-0.250 "
+              "everywhere) does not measure the edits, and its LPIPS saw unscaled [0, 1] inputs.")
+
+
 def attach_paper(table: list[dict[str, Any]], rows: str, columns: str = "task") -> list[dict[str, Any]]:
-    """Add the paper's numbers to the cells it reports (Table 1 by method, Table 2 by selector)."""
+    """Add the paper's numbers (Table 1 by method, Table 2 by selector) to the cells it reports,
+    measured under the published protocol: no other protocol is comparable with them."""
     reference = PAPER.get(rows, {})
     for entry in table:
-        paper = reference.get((entry[rows], entry[columns]))
+        paper = reference.get((entry[rows], entry[columns])) if entry.get("protocol") == "published" else None
         entry["paper_clip"], entry["paper_lpips"] = paper if paper else (None, None)
     return table
 
@@ -120,29 +136,103 @@ def _fmt(mean: float | None, sem: float | None = None) -> str:
     return f"{mean:.4f} ± {sem:.4f}" if sem is not None else f"{mean:.6g}"
 
 
+def _row_keys(table: Sequence[dict[str, Any]], rows: str) -> list[tuple[Any, str]]:
+    """(row value, protocol) in table order, without repeats."""
+    return list(dict.fromkeys((e[rows], e["protocol"]) for e in table))
+
+
 def to_markdown(table: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:
-    """A Markdown table: one line per row value, CLIP ↑ and LPIPS ↓ (mean ± s.e.) per column value."""
+    """A Markdown table: a line per row value (and protocol, when several), CLIP ↑ and LPIPS ↓
+    (mean ± s.e.) per column value, then the done, diverged and skipped counts per column."""
     col_values = _ordered({e[columns] for e in table}, columns)
-    row_values = _ordered({e[rows] for e in table}, rows)
+    row_keys = _row_keys(table, rows)
+    several = len({protocol for _, protocol in row_keys}) > 1
     with_paper = any(e.get("paper_clip") is not None for e in table)
     header = [rows]
     for c in col_values:
         header += [f"{c} CLIP ↑", f"{c} LPIPS ↓"] + ([f"{c} paper CLIP", f"{c} paper LPIPS"] if with_paper else [])
-    header.append("n")
+    header += ["n", "diverged", "skipped"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in row_values:
-        cells, counts = [str(row)], []
+    for row, protocol in row_keys:
+        cells, counts = [f"{row} ({protocol})" if several else str(row)], []
         for column in col_values:
-            entry = next((e for e in table if e[rows] == row and e[columns] == column), None)
+            entry = next((e for e in table if (e[rows], e["protocol"], e[columns]) == (row, protocol, column)), None)
             if entry is None:
                 cells += ["–", "–"] + (["–", "–"] if with_paper else [])
                 continue
-            counts.append(entry["n"])
+            counts.append(entry)
             cells += [_fmt(entry["clip"], entry["clip_sem"]), _fmt(entry["lpips"], entry["lpips_sem"])]
             if with_paper:
                 cells += [_fmt(entry.get("paper_clip")), _fmt(entry.get("paper_lpips"))]
-        cells.append("/".join(map(str, counts)))
+        cells += ["/".join(str(e[key]) for e in counts) for key in ("n", "n_diverged", "n_skipped")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + (f"\n{PAPER_NOTE}\n" if with_paper else "")
+
+
+def default_baseline(rows: str, values: Iterable[Any]) -> Any:
+    """DDS for methods, random for selectors, else the first value in the table's order."""
+    values = _ordered(values, rows)
+    preferred = {"method": "dds", "selector": "random"}.get(rows)
+    return preferred if preferred in values else (values[0] if values else None)
+
+
+def paired_bootstrap(differences: Sequence[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% percentile-bootstrap interval (resampling images)."""
+    import numpy as np
+
+    values = np.asarray(differences, dtype=np.float64)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+def paired_differences(records: Sequence[dict[str, Any]], rows: str, columns: str = "task",
+                       baseline: Any = None, seed: int = 0) -> list[dict[str, Any]]:
+    """Per (row, column, protocol): the mean per-image difference of each metric against the
+    ``baseline`` row on the same images, with a seeded paired-bootstrap 95% CI. The paper's gaps are
+    in the third or fourth decimal: this says whether they exceed the spread over images."""
+    done = [r for r in records if r.get("status") == "done"]
+    values = {r.get(rows) for r in done}
+    if baseline is None:
+        baseline = default_baseline(rows, values)
+    else:  # from the command line: a string, while lr values are numbers
+        baseline = next((v for v in values if str(v) == str(baseline)), baseline)
+    by_cell: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for record in done:
+        by_cell[(record.get(rows), record.get(columns), protocol_of(record))][record["image"]] = record
+    out = []
+    for (row, column, protocol), images in sorted(by_cell.items(), key=lambda kv: str(kv[0])):
+        reference = by_cell.get((baseline, column, protocol))
+        if row == baseline or not reference:
+            continue
+        entry = {rows: row, columns: column, "protocol": protocol, "baseline": baseline}
+        for metric in METRICS:
+            pairs = [(images[i][metric], reference[i][metric]) for i in images.keys() & reference.keys()
+                     if images[i].get(metric) is not None and reference[i].get(metric) is not None]
+            entry[f"n_pairs_{metric}"] = len(pairs)
+            stats = paired_bootstrap([a - b for a, b in sorted(pairs)], seed=seed) if pairs else (None, None, None)
+            entry[f"{metric}_diff"], entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"] = stats
+        out.append(entry)
+    order = {v: i for i, v in enumerate(_ordered({e[rows] for e in out}, rows))}
+    return sorted(out, key=lambda e: (order[e[rows]], _ordered({x[columns] for x in out}, columns).index(e[columns])))
+
+
+def differences_markdown(differences: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:
+    """The paired differences as Markdown: Δ = row − baseline, mean [95% CI], per column."""
+    if not differences:
+        return ""
+    baseline = differences[0]["baseline"]
+    lines = [f"Paired differences against {rows}={baseline} on the same images (mean [95% bootstrap CI]):", "",
+             f"| {rows} | {columns} | protocol | Δ CLIP ↑ | Δ LPIPS ↓ | pairs |", "|---|---|---|---|---|---|"]
+
+    def interval(entry: dict[str, Any], metric: str) -> str:
+        if entry[f"{metric}_diff"] is None:
+            return "–"
+        return f"{entry[f'{metric}_diff']:+.4f} [{entry[f'{metric}_ci_low']:+.4f}, {entry[f'{metric}_ci_high']:+.4f}]"
+
+    for e in differences:
+        lines.append(f"| {e[rows]} | {e[columns]} | {e['protocol']} | {interval(e, 'clip')} | {interval(e, 'lpips')} "
+                     f"| {e['n_pairs_lpips']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,8 +318,9 @@ def accuracy_plot(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
 
 
 def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = "task", paper: bool = False,
-                 out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Write table.md, table.csv, comparison grids and the accuracy plot into ``<sweep>/report``."""
+                 out_dir: str | Path | None = None, baseline: Any = None) -> dict[str, Any]:
+    """Write table.md, table.csv, differences.csv, comparison grids and the accuracy plot into
+    ``<sweep>/report``."""
     records, unreadable = scan_records(sweep_dir)
     if not records:
         raise FileNotFoundError(f"no edit records (summary.json) under {sweep_dir}")
@@ -238,7 +329,11 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
     table = summarise(records, rows, columns)
     if paper:
         attach_paper(table, rows, columns)
+    differences = paired_differences(records, rows, columns, baseline)
     markdown = to_markdown(table, rows, columns)
+    if differences:
+        markdown += "\n" + differences_markdown(differences, rows, columns)
+        write_text(out / "differences.csv", csv_text(differences))
     write_text(out / "table.md", markdown)
     write_text(out / "table.csv", csv_text(table))
     grids = comparison_grids(records, by=rows)
@@ -248,6 +343,7 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
     counts = defaultdict(int)
     for record in records:
         counts[record.get("status", "unknown")] += 1
-    return {"records": records, "rows": rows, "table": table, "markdown": markdown, "grids": grids,
+    return {"records": records, "rows": rows, "table": table, "differences": differences, "markdown": markdown,
+            "grids": grids,
             "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": dict(counts), "out": out,
             "unreadable": unreadable}

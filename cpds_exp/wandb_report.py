@@ -12,16 +12,18 @@ TASKS = ("cat2dog", "cat2cow", "cat2pig")
 
 def log_report(report: dict[str, Any], sweep_name: str, project: str = "cpds-exp", entity: str | None = None,
                mode: str = "auto", run_dir: str | None = None) -> str:
-    """Log the table (a wandb.Table), the grids and the accuracy plot as one run in the sweep's group."""
+    """Log the table and the paired differences (wandb.Tables), the grids and the accuracy plot as one
+    run in the sweep's group."""
     import wandb
 
     run = wandb.init(project=project, entity=entity, group=sweep_name, job_type="report", name=f"{sweep_name}-report",
                      mode=resolve_wandb_mode(mode), dir=run_dir, config={"sweep_name": sweep_name,
                                                                           "rows": report["rows"]},
                      reinit="finish_previous")
-    table = report["table"]
-    columns = list(dict.fromkeys(k for entry in table for k in entry))
-    run.log({"table": wandb.Table(columns=columns, data=[[entry.get(c) for c in columns] for entry in table])})
+    for key in ("table", "differences"):
+        if report.get(key):
+            columns = list(dict.fromkeys(k for entry in report[key] for k in entry))
+            run.log({key: wandb.Table(columns=columns, data=[[entry.get(c) for c in columns] for entry in report[key]])})
     run.log({f"grid/{task}": wandb.Image(grid) for task, grid in report["grids"].items()})
     if report["accuracy_plot"] is not None:
         run.log({"selector_accuracy": wandb.Image(Image.open(report["accuracy_plot"]))})

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help="record field for the rows (default: method, selector or lr, whichever varies)")
     parser.add_argument("--columns", default="task", help="record field for the columns (default: task)")
     parser.add_argument("--paper", action="store_true", help="put the paper's numbers beside ours")
+    parser.add_argument("--baseline", help="row value the others are compared with, image by image "
+                        "(default: dds for methods, random for selectors)")
     parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/report)")
     parser.add_argument("--wandb", action="store_true", help="log the tables and grids to W&B, in the sweep's group")
     parser.add_argument("--dashboard", action="store_true", help="save a W&B report for the sweep (online)")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="auto", help="W&B mode: auto, online, offline, disabled")
     args = parser.parse_args(argv)
     try:
-        report = build_report(args.sweep_dir, args.rows, args.columns, args.paper, args.out)
+        report = build_report(args.sweep_dir, args.rows, args.columns, args.paper, args.out, args.baseline)
     except FileNotFoundError as err:
         print(f"error: {err}: run a sweep first (python run.py +experiment=table1 ...)", file=sys.stderr)
         return 2
