@@ -1,37 +1,86 @@
-"""Edit quality metrics of the paper (SPEC §5): CLIP score and LPIPS.
+"""Edit quality metrics of the paper (SPEC §5): CLIP score and LPIPS, under one of two protocols.
+
+``corrected`` (the default) runs CLIP as OpenAI trained it (QuickGELU, open_clip's own eval
+transform) and gives LPIPS the [−1, 1] inputs it expects. ``published`` computes what the published
+evaluate.py did, so that its numbers can be compared with the paper's tables: both images resized to
+224×224, CLIP through transformers (whose processor rescales [0, 1] tensors by 1/255 a second time),
+LPIPS on unscaled [0, 1] inputs.
 
 Metric models are built once per process (``load_metrics`` is cached) and run on the edit's
-device. Offline, ``clip_pretrained: null`` and ``lpips_pretrained: false`` build them with
-random weights, so the whole pipeline runs and is tested without downloads.
+device. Offline, ``metrics=random`` builds them with random weights, so the whole pipeline runs and
+is tested without downloads.
 """
 from __future__ import annotations
 
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cpds_exp.errors import CpdsError
 
 log = logging.getLogger(__name__)
 
-LPIPS_INPUTS = ("minus_one_one", "zero_one")
+PROTOCOLS = ("corrected", "published")
+PUBLISHED_SIZE = 224  # evaluate.py: transforms.Resize((224, 224)) before both metrics
 
 
 @dataclass(unsafe_hash=True)  # hashable: it keys the per-process cache of metric models
 class MetricsConfig:
-    """Which metric models to use; ``enabled: false`` skips metrics altogether."""
+    """Which metric models to use; ``enabled: false`` skips metrics altogether.
+
+    ``clip_model``/``clip_pretrained`` (open_clip) and ``lpips_size`` serve the corrected protocol,
+    ``hf_clip_model`` (transformers) the published one, which is fixed at 224×224; ``tiny`` builds
+    either CLIP with random weights.
+    """
 
     enabled: bool = True
-    clip_model: str = "ViT-B-16"
-    clip_pretrained: Optional[str] = "openai"
+    protocol: str = "corrected"
+    clip_model: str = "ViT-B-16-quickgelu"
+    clip_pretrained: str | None = "openai"
+    hf_clip_model: str = "openai/clip-vit-base-patch16"
     lpips_net: str = "squeeze"
     lpips_pretrained: bool = True
     lpips_size: int = 224
-    lpips_input: str = "minus_one_one"
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise CpdsError(f"metrics.protocol={self.protocol!r}: use corrected (CLIP as OpenAI trained it, "
+                            "LPIPS on [-1, 1]) or published (what the published evaluate.py computed)")
+
+
+def _unavailable(what: str, err: Exception) -> CpdsError:
+    """The one-line error for metric weights that are not cached and cannot be downloaded."""
+    detail = (str(err).splitlines() or [""])[0][:120]
+    return CpdsError(f"cannot load {what} ({err.__class__.__name__}: {detail}); connect once to cache them, "
+                     "or pass metrics=random for a dry run, or metrics=none to skip metrics")
+
+
+def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] → 8-bit RGB images, rounded as saved PNGs are."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
+
+
+def published_resize(images: torch.Tensor) -> torch.Tensor:
+    """evaluate.py's input to both metrics: PIL image → Resize((224, 224)) (bilinear) → ToTensor."""
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Resize((PUBLISHED_SIZE, PUBLISHED_SIZE)), transforms.ToTensor()])
+    return torch.stack([transform(image) for image in to_pil_images(images)]).to(images.device)
+
+
+def clip_architecture(model_name: str, pretrained: str | None) -> str:
+    """The open_clip name that builds the activation ``pretrained`` was trained with: plain names such as
+    ViT-B-16 build GELU, and open_clip only warns when OpenAI's QuickGELU weights are loaded into them."""
+    import open_clip
+
+    trained_quick = open_clip.get_pretrained_cfg(model_name, pretrained or "").get("quick_gelu", False)
+    built_quick = (open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)
+    return f"{model_name}-quickgelu" if trained_quick and not built_quick else model_name
 
 
 def tiny_clip():
@@ -45,72 +94,116 @@ def tiny_clip():
     )
 
 
-class ClipScore:
-    """Cosine similarity between an image and a prompt under CLIP (the paper's CLIPScore / 100,
-    before torchmetrics' clamp at 0)."""
+def tiny_hf_clip():
+    """A transformers CLIPModel of about 2 M random weights with ViT-B/16's vocabulary and 224² input."""
+    from transformers import CLIPConfig, CLIPModel
 
-    def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = "openai"):
+    from cpds_exp.models import CLIP_VOCAB_SIZE
+
+    return CLIPModel(CLIPConfig(
+        text_config={"vocab_size": CLIP_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
+        vision_config={"image_size": 224, "patch_size": 32, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=32,
+    ))
+
+
+class ClipScore:
+    """Cosine similarity between an image and a prompt under open_clip's CLIP (the corrected protocol).
+
+    ``name`` is what was built: ``<architecture>/<weights>``, or the architecture alone for random weights.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-16-quickgelu", pretrained: str | None = "openai"):
         import open_clip
-        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
         if model_name == "tiny":
-            self.model = tiny_clip()
+            self.model, architecture = tiny_clip(), "tiny"
         else:
+            architecture = clip_architecture(model_name, pretrained)
             try:
-                self.model = open_clip.create_model(model_name, pretrained=pretrained)
+                self.model = open_clip.create_model(architecture, pretrained=pretrained)
             except Exception as err:  # open_clip raises RuntimeError, OSError or hub errors offline
-                raise CpdsError(
-                    f"cannot load CLIP {model_name} with {pretrained!r} weights ({err.__class__.__name__}: "
-                    f"{str(err).splitlines()[0][:120]}); connect once to cache them, or pass metrics=random "
-                    "for a dry run, or metrics=none to skip metrics") from err
+                raise _unavailable(f"CLIP {architecture} with {pretrained!r} weights", err) from err
         self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-16" if model_name == "tiny" else model_name)
-        self.size = self.model.visual.image_size
-        self.size = self.size[0] if isinstance(self.size, (tuple, list)) else self.size
-        self.mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        self.name = f"{architecture}/{pretrained}" if pretrained else architecture
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-16" if model_name == "tiny" else architecture)
+        preprocess = open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(self.model))
+        self.transform = open_clip.transform.image_transform_v2(preprocess, is_train=False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] → CLIP input: shorter side resized (bicubic), centre crop, normalised."""
-        height, width = images.shape[-2:]
-        scale = self.size / min(height, width)
-        resized = F.interpolate(images.float(), size=(max(self.size, round(height * scale)), max(self.size, round(width * scale))),
-                                mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        top, left = (resized.shape[-2] - self.size) // 2, (resized.shape[-1] - self.size) // 2
-        cropped = resized[..., top: top + self.size, left: left + self.size]
-        return (cropped - self.mean.to(images.device)) / self.std.to(images.device)
+        """(B, 3, H, W) in [0, 1] → CLIP input, through open_clip's own eval transform (bicubic resize of
+        the short side, centre crop, CLIP mean/std): on 8-bit images as it was trained, via PIL."""
+        return torch.stack([self.transform(image) for image in to_pil_images(images)])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        image_features = self.model.encode_image(self.preprocess(images.to(device)))
+        image_features = self.model.encode_image(self.preprocess(images).to(device))
         text_features = self.model.encode_text(self.tokenizer(prompts).to(device))
         return F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+
+
+def published_clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' CLIPScore divided by 100, as evaluate.py reported it: max(100·cos, 0) / 100 per image
+    (evaluate.py scored one image per call, so torchmetrics' clamp of the batch mean is per image)."""
+    cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+    return (100 * cosine).clamp(min=0) / 100
+
+
+class PublishedClipScore:
+    """The published evaluation's CLIP score: transformers' CLIPModel and CLIPImageProcessor fed [0, 1]
+    tensors, as torchmetrics' CLIPScore does; the processor rescales them by 1/255 again, so the model
+    sees pixels in [0, 1/255] (SPEC §5). The tokenizer is the OpenAI CLIP vocabulary built offline,
+    whose ids are those of every OpenAI CLIP checkpoint."""
+
+    def __init__(self, hf_model: str = "openai/clip-vit-base-patch16"):
+        from transformers import CLIPImageProcessor, CLIPModel
+
+        from cpds_exp.models import offline_clip_tokenizer
+
+        if hf_model == "tiny":
+            self.model, self.processor = tiny_hf_clip(), CLIPImageProcessor()
+        else:
+            try:
+                self.model = CLIPModel.from_pretrained(hf_model)
+                self.processor = CLIPImageProcessor.from_pretrained(hf_model)
+            except (OSError, ValueError) as err:  # out of reach: OSError; a malformed id: ValueError
+                raise _unavailable(f"CLIP {hf_model} (metrics.protocol=published)", err) from err
+        self.model.eval().requires_grad_(False)
+        self.name = hf_model
+        self.tokenizer = offline_clip_tokenizer()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        pixels = self.processor(images=list(images.float().cpu()), return_tensors="pt")["pixel_values"]
+        text = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+        output = self.model(input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device),
+                            pixel_values=pixels.to(device))
+        return published_clip_score(output.image_embeds, output.text_embeds)
 
 
 class Lpips:
     """LPIPS distance between source and edit, at ``size``×``size``.
 
-    ``input_range``: ``minus_one_one`` scales [0, 1] images to the [−1, 1] LPIPS expects;
-    ``zero_one`` passes [0, 1] unchanged, as the published evaluation did (SPEC §5).
+    ``scale_inputs`` maps [0, 1] images to the [−1, 1] LPIPS expects; the published evaluation passed
+    [0, 1] unchanged (SPEC §5).
     """
 
-    def __init__(self, net: str = "squeeze", pretrained: bool = True, size: int = 224,
-                 input_range: str = "minus_one_one"):
+    def __init__(self, net: str = "squeeze", pretrained: bool = True, size: int = 224, scale_inputs: bool = True):
         import lpips
 
-        if input_range not in LPIPS_INPUTS:
-            raise CpdsError(f"metrics.lpips_input={input_range!r}: use one of {', '.join(LPIPS_INPUTS)}")
         if net not in ("alex", "squeeze", "vgg"):
             raise CpdsError(f"metrics.lpips_net={net!r}: use squeeze (the paper), alex or vgg")
         try:
             self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
         except Exception as err:  # torchvision's download fails with URLError offline
-            raise CpdsError(
-                f"cannot load the LPIPS {net} backbone ({err.__class__.__name__}); connect once so torchvision "
-                "caches it, or pass metrics=random for a dry run, or metrics=none to skip metrics") from err
+            raise _unavailable(f"the LPIPS {net} backbone", err) from err
         self.model.eval().requires_grad_(False)
-        self.size, self.input_range = size, input_range
+        self.size, self.scale_inputs = size, scale_inputs
 
     @torch.no_grad()
     def __call__(self, source: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
@@ -119,21 +212,33 @@ class Lpips:
         def prepare(images: torch.Tensor) -> torch.Tensor:
             images = F.interpolate(images.float().to(device), size=(self.size, self.size), mode="bilinear",
                                    align_corners=False, antialias=True)
-            return images * 2 - 1 if self.input_range == "minus_one_one" else images
+            return images * 2 - 1 if self.scale_inputs else images
 
         return self.model(prepare(source), prepare(edited)).flatten()
 
 
 class Metrics:
-    """Both metrics for a batch of (source, edit, target prompt)."""
+    """Both metrics for a batch of (source, edit, target prompt), under ``config.protocol``."""
 
     def __init__(self, config: MetricsConfig, device: torch.device):
-        self.clip = ClipScore(config.clip_model, config.clip_pretrained)
-        self.lpips = Lpips(config.lpips_net, config.lpips_pretrained, config.lpips_size, config.lpips_input)
+        self.protocol = config.protocol
+        published = config.protocol == "published"
+        if published:
+            self.clip = PublishedClipScore(config.hf_clip_model)
+        else:
+            self.clip = ClipScore(config.clip_model, config.clip_pretrained)
+        size = PUBLISHED_SIZE if published else config.lpips_size
+        self.lpips = Lpips(config.lpips_net, config.lpips_pretrained, size, scale_inputs=not published)
         self.clip.model.to(device)
         self.lpips.model.to(device)
 
+    def describe(self) -> dict[str, str]:
+        """What produced the scores, for every record: scores of different protocols do not compare."""
+        return {"metrics_protocol": self.protocol, "clip_model": self.clip.name}
+
     def __call__(self, source: torch.Tensor, edited: torch.Tensor, target_prompts: list[str]) -> list[dict[str, float]]:
+        if self.protocol == "published":  # evaluate.py resized both images before either metric
+            source, edited = published_resize(source), published_resize(edited)
         clip = self.clip(edited, target_prompts).cpu()
         distance = self.lpips(source, edited).cpu()
         return [{"clip": c.item(), "lpips": d.item()} for c, d in zip(clip, distance)]
@@ -144,6 +249,6 @@ def load_metrics(config: MetricsConfig, device: str) -> Metrics | None:
     """The metric models for ``config`` on ``device``, built once per process (None when disabled)."""
     if not config.enabled:
         return None
-    log.info("loading metrics: CLIP %s (%s), LPIPS %s", config.clip_model, config.clip_pretrained or "random",
-             config.lpips_net)
-    return Metrics(config, torch.device(device))
+    metrics = Metrics(config, torch.device(device))
+    log.info("metrics (%s protocol): CLIP %s, LPIPS %s", config.protocol, metrics.clip.name, config.lpips_net)
+    return metrics

@@ -107,7 +107,7 @@ def test_unreachable_metric_weights_are_one_line_before_any_model_loads(tmp_path
     proc = run_py("logger=none", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot load CLIP ViT-B-16 with 'openai' weights") and "metrics=random" in last
+    assert last.startswith("error: cannot load CLIP ViT-B-16-quickgelu with 'openai' weights") and "metrics=random" in last
 
 
 def test_unreachable_model_is_one_line_suggesting_tiny(tmp_path):
