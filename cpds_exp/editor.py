@@ -285,7 +285,7 @@ class Editor:
             selectors = [self.make_selector(seed=seed)] * len(self.layer_names)
         if not selectors[0].learns:
             return RowSelection(list(selectors), None)
-        trainer = SelectorTrainer(selectors, self.selector_training)
+        trainer = SelectorTrainer(selectors, self.selector_training, self.settings.iterations)
         return RowSelection(trainer.select_functions(), trainer)
 
     def start(self, z_src: torch.Tensor, emb: dict[str, torch.Tensor], seeds: Sequence[int]) -> EditState:

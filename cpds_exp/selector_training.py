@@ -1,9 +1,10 @@
 """Training learning patch selectors during an edit (SPEC §4).
 
-At every CUT evaluation each position's pooled, normalised source feature is kept with a label
-from its source–target distance d_i = ‖h_src,i − h_trg,i‖. Every ``train_every`` iterations the
-data is first used to score the selector honestly (it has not seen it yet), then to train it,
-then dropped.
+At every CUT evaluation each position's pooled, normalised source feature is kept with its
+source–target distance d_i = ‖h_src,i − h_trg,i‖. A training round labels the gathered data, uses
+it first to score the selector honestly (it has not seen it yet), then to train it, then drops it.
+As in the published code, rounds follow iterations 1, 1 + train_every, … (a learned selector is
+used from iteration 2), never the last one, and one threshold labels a selector's round data.
 """
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ class Positive(str, Enum):
     dissimilar = "dissimilar"
 
 
+class ThresholdScope(str, Enum):
+    """Which distances share a label threshold: all that a selector trains on in a round (the
+    published code) or each observation's own (one image, layer and patch size at one iteration)."""
+
+    round = "round"
+    observation = "observation"
+
+
 @dataclass
 class SelectorTraining:
     """How learning selectors are trained; ignored by selectors that do not learn."""
@@ -33,37 +42,45 @@ class SelectorTraining:
     positive: Positive = Positive.similar
     percentile: float = 80.0
     per_layer: bool = False
+    threshold_scope: ThresholdScope = ThresholdScope.round
 
 
-def label_positions(distances: torch.Tensor, positive: Positive, percentile: float) -> torch.Tensor:
-    """Boolean labels for (N,) distances, split at their ``percentile``-th percentile.
+def distance_threshold(distances: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The ``percentile``-th percentile of (N,) distances (linear interpolation)."""
+    return torch.quantile(distances.float(), percentile / 100.0)
 
-    ``similar``: below the threshold is positive (the paper: 80% positives);
-    ``dissimilar``: above it is positive (the published code: the top 20%).
+
+def label_positions(distances: torch.Tensor, threshold: torch.Tensor, positive: Positive) -> torch.Tensor:
+    """Boolean labels for distances split at ``threshold``.
+
+    ``dissimilar`` (the published code): d >= threshold is positive, the top 20% at the 80th
+    percentile; ``similar`` (the paper's text): d < threshold, the exact complement.
     """
-    threshold = torch.quantile(distances.float(), percentile / 100.0)
-    return distances < threshold if Positive(positive) == Positive.similar else distances > threshold
+    return distances < threshold if Positive(positive) == Positive.similar else distances >= threshold
 
 
 def classification_metrics(probability: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean of the per-class recalls present) and the positive rate."""
+    """Accuracy, balanced accuracy (mean of the per-class recalls present) and the positive rate,
+    in float64 so that 4 of 5 reads 0.8 (float32: 0.8000000119)."""
     predicted, labels = probability >= 0.5, labels.bool().to(probability.device)
-    recalls = [(predicted[cls] == value).float().mean() for cls, value in ((labels, True), (~labels, False))
+    recalls = [(predicted[cls] == value).double().mean() for cls, value in ((labels, True), (~labels, False))
                if cls.any()]
-    return {"accuracy": (predicted == labels).float().mean().item(),
+    return {"accuracy": (predicted == labels).double().mean().item(),
             "balanced_accuracy": torch.stack(recalls).mean().item(),
-            "positive_rate": labels.float().mean().item()}
+            "positive_rate": labels.double().mean().item()}
 
 
 class SelectorTrainer:
     """Gathers training data from the CUT evaluations and runs the training rounds.
 
     ``selectors`` has one entry per CUT layer; the same object repeated means one shared selector.
+    A trainer serves one edit of ``iterations`` iterations (the editor gives each row its own).
     """
 
-    def __init__(self, selectors: Sequence[PatchSelector], training: SelectorTraining):
+    def __init__(self, selectors: Sequence[PatchSelector], training: SelectorTraining, iterations: int):
         self.selectors = list(selectors)
         self.training = training
+        self.iterations = iterations
         self._data: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.selectors]
         self._select_seconds = 0.0
         self.rounds: list[dict[str, float | None]] = []
@@ -84,16 +101,31 @@ class SelectorTrainer:
 
     def observe(self, layer: int, ref: torch.Tensor, trg: torch.Tensor) -> None:
         """Keep (B, N, C) source features and their per-position distances, per image; they are
-        labelled at the training round (one percentile per image, layer and patch size)."""
+        labelled at the training round."""
         distances = (ref - trg).norm(dim=-1)
         for features, row in zip(ref, distances):
             self._data[layer].append((features.detach(), row.detach()))
+
+    def _labels(self, distances: list[torch.Tensor]) -> torch.Tensor:
+        """One selector's labels for its observations' distances, split at one threshold over all
+        of them (scope ``round``: a shared selector's every layer, patch size and iteration of the
+        round, as published; a per-layer selector's own layer) or at each one's own percentile."""
+        percentile, positive = self.training.percentile, self.training.positive
+        if ThresholdScope(self.training.threshold_scope) == ThresholdScope.observation:
+            return torch.cat([label_positions(d, distance_threshold(d, percentile), positive) for d in distances])
+        everything = torch.cat(distances)
+        return label_positions(everything, distance_threshold(everything, percentile), positive)
+
+    def trains_after(self, iteration: int) -> bool:
+        """Whether a round follows 1-based ``iteration``: the published code trains when
+        i % train_every == 0 counting i from 0, and a round after the last iteration would go unused."""
+        return (iteration - 1) % self.training.train_every == 0 and iteration < self.iterations
 
     def _round_data(self, selector: PatchSelector, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         """The round's (features, labels), zero-padded to the widest layer. A selector with a
         ``max_train_samples`` cap gets its seeded subset *before* padding, so a round at SD scale
         never materialises every position at 1280 channels."""
-        labels = torch.cat([label_positions(d, self.training.positive, self.training.percentile) for _, d in pairs])
+        labels = self._labels([d for _, d in pairs])
         width = max(features.shape[-1] for features, _ in pairs)
         keep = selector.subsample(len(labels), getattr(selector, "max_train_samples", None))
         if keep is None:
@@ -107,8 +139,8 @@ class SelectorTrainer:
         return torch.cat(chunks), labels[keep.to(labels.device)]
 
     def after_iteration(self, iteration: int) -> dict[str, float | None] | None:
-        """Every ``train_every`` iterations: score, train, drop the data; returns the round's metrics."""
-        if iteration % self.training.train_every:
+        """At a round (see :meth:`trains_after`): score, train, drop the data; returns the round's metrics."""
+        if not self.trains_after(iteration):
             return None
         groups: dict[int, list[int]] = {}
         for layer, selector in enumerate(self.selectors):
@@ -123,7 +155,7 @@ class SelectorTrainer:
             if selector.fitted:
                 measured.append(classification_metrics(selector.positive_probability(features), labels))
             else:
-                measured.append({"positive_rate": labels.float().mean().item()})
+                measured.append({"positive_rate": labels.double().mean().item()})
             start = time.perf_counter()
             loss = selector.fit(features, labels)
             train_seconds += time.perf_counter() - start

@@ -52,13 +52,21 @@ class PatchSelector:
     def fitted(self) -> bool:
         return self.input_width is not None
 
-    def random_positions(self, count: int, n: int, device: torch.device) -> torch.Tensor:
-        """Drawn on ``device`` itself, so choosing patches never waits for a host-to-device copy."""
+    def permutation(self, count: int, device: torch.device) -> torch.Tensor:
+        """A seeded random order of ``count`` positions, drawn on ``device`` itself, so choosing
+        patches never waits for a host-to-device copy."""
         if device.type == "cpu":
-            return torch.randperm(count, generator=self.generator)[: min(n, count)]
+            return torch.randperm(count, generator=self.generator)
         if self._device_generator is None or self._device_generator.device != device:
             self._device_generator = torch.Generator(device).manual_seed(self.seed)
-        return torch.randperm(count, generator=self._device_generator, device=device)[: min(n, count)]
+        return torch.randperm(count, generator=self._device_generator, device=device)
+
+    def top_positions(self, probability: torch.Tensor, n: int) -> torch.Tensor:
+        """The n most probably positive positions, equal probabilities in a seeded random order:
+        k-NN probabilities take only k + 1 values, and a stable top-n would return one strip of
+        the grid. The order is drawn where the probabilities are (the CPU for scikit-learn)."""
+        order = self.permutation(len(probability), probability.device)
+        return order[torch.sort(probability[order], descending=True, stable=True).indices[:n]]
 
     def select(self, features: torch.Tensor, n: int) -> torch.Tensor:
         """n distinct row indices (fewer when fewer rows exist)."""
@@ -68,9 +76,8 @@ class PatchSelector:
                 log.info("selector %s is not fitted yet: choosing patches at random until its first training round",
                          self.name)
                 self._said_random = True
-            return self.random_positions(count, n, features.device)
-        probability = self.positive_probability(features)
-        return torch.topk(probability, min(n, count)).indices.to(features.device)
+            return self.permutation(count, features.device)[:n]
+        return self.top_positions(self.positive_probability(features), n).to(features.device)
 
     def __call__(self, features: torch.Tensor, n: int) -> torch.Tensor:
         return self.select(features, n)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.selector_training import (Positive, SelectorTrainer, SelectorTraining, classification_metrics,
-                                        label_positions, summarise_rounds)
-from cpds_exp.selectors import (KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector,
-                                pad_features)
+from cpds_exp.selector_training import (Positive, SelectorTrainer, SelectorTraining, ThresholdScope,
+                                        classification_metrics, distance_threshold, label_positions, summarise_rounds)
+from cpds_exp.selectors import (KNNSelector, MLPSelector, PatchSelector, RandomForestSelector, RandomSelector,
+                                SVMSelector, pad_features)
 
 LEARNERS = {
     "meta": lambda seed=0: MLPSelector(seed=seed, epochs=30, batch_size=256, lr=3e-3),
@@ -88,11 +88,19 @@ def test_one_class_data_leaves_a_scikit_learner_unfitted():
 
 def test_label_rules_by_meaning():
     d = torch.arange(10.0)  # 0 … 9; 80th percentile = 7.2
-    similar = label_positions(d, Positive.similar, 80)
-    dissimilar = label_positions(d, Positive.dissimilar, 80)
+    assert distance_threshold(d, 80).item() == pytest.approx(7.2)
+    similar = label_positions(d, distance_threshold(d, 80), Positive.similar)
+    dissimilar = label_positions(d, distance_threshold(d, 80), Positive.dissimilar)
     assert similar.tolist() == [True] * 8 + [False] * 2  # the paper: below the threshold
     assert dissimilar.tolist() == [False] * 8 + [True] * 2  # the published code: the top 20%
-    assert label_positions(d, "similar", 50).sum() == 5
+    assert label_positions(d, distance_threshold(d, 50), "similar").sum() == 5
+
+
+def test_a_distance_at_the_threshold_is_dissimilar():
+    d = torch.arange(11.0)  # 0 … 10; 80th percentile = 8 exactly
+    dissimilar = label_positions(d, distance_threshold(d, 80), Positive.dissimilar)
+    assert dissimilar.tolist() == [False] * 8 + [True] * 3  # d >= threshold, as published
+    assert torch.equal(label_positions(d, distance_threshold(d, 80), Positive.similar), ~dissimilar)
 
 
 def test_classification_metrics_by_hand():
@@ -117,33 +125,118 @@ class RecordingSelector(MLPSelector):
 
     def fit(self, features, labels):
         self.events.append(("fit", features.shape))
+        self.labels = labels.tolist()
         return super().fit(features, labels)
 
 
 def test_trainer_scores_before_training_and_drops_the_data():
     selector = RecordingSelector()
-    trainer = SelectorTrainer([selector, selector], SelectorTraining(train_every=2))
+    trainer = SelectorTrainer([selector, selector], SelectorTraining(train_every=2), iterations=4)
     ref16, trg16 = torch.randn(1, 16, 4), torch.randn(1, 16, 4)
     ref4, trg4 = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
     for it in (1, 2, 3, 4):
         trainer.observe(0, ref16, trg16)
         trainer.observe(1, ref4, trg4)
         record = trainer.after_iteration(it)
-        assert (record is None) == (it % 2 == 1)
-    # round 1: nothing to score yet, fit on 2 iterations × (16 + 4) rows padded to 8 channels;
-    # round 2: score the new rows first, then fit on them alone (round 1's data was dropped)
-    assert selector.events == [("fit", (40, 8)), ("score", (40, 8)), ("fit", (40, 8))]
+        assert (record is None) == (it % 2 == 0)
+    # round 1 (after iteration 1): nothing to score yet, fit on 16 + 4 rows padded to 8 channels;
+    # round 2 (after 3): score iterations 2–3 first, then fit on them alone (round 1's data was dropped);
+    # none after the last iteration, whose model would never be used
+    assert selector.events == [("fit", (20, 8)), ("score", (40, 8)), ("fit", (40, 8))]
     first, second = trainer.rounds
     assert first["accuracy"] is None and second["accuracy"] is not None
-    assert first["positive_rate"] == pytest.approx(0.75, abs=0.06)
+    assert first["positive_rate"] == 0.8  # one threshold over the 20 distinct distances
     assert second["train_time_s"] > 0 and second["select_time_s"] == 0
     means = summarise_rounds(trainer.rounds)
     assert means["accuracy"] == second["accuracy"] and means["loss"] is not None
 
 
+def observed(trainer, layer, distances, width):
+    """Hand the trainer one observation whose source–target distances are exactly ``distances``."""
+    ref = torch.zeros(1, len(distances), width)
+    trg = ref.clone()
+    trg[0, :, 0] = torch.tensor(distances, dtype=torch.float)
+    trainer.observe(layer, ref, trg)
+
+
+def labels_after_one_round(scope, positive, per_layer=False):
+    """Labels of layer 0 at two patch sizes ([1, 2, 3], [4, 5]) and of layer 1, on another scale."""
+    selectors = [RecordingSelector(), RecordingSelector()] if per_layer else [RecordingSelector()] * 2
+    trainer = SelectorTrainer(selectors, SelectorTraining(positive=positive, threshold_scope=scope), iterations=2)
+    observed(trainer, 0, [1, 2, 3], width=4)
+    observed(trainer, 0, [4, 5], width=4)
+    observed(trainer, 1, [10, 20, 30, 40, 50, 60], width=8)
+    trainer.after_iteration(1)
+    return [s.labels for s in selectors] if per_layer else selectors[0].labels
+
+
+def test_one_threshold_per_round_over_all_layers_and_patch_sizes():
+    # 11 distances: the 80th percentile is the 9th smallest, 40, and d >= 40 is dissimilar
+    dissimilar = labels_after_one_round("round", "dissimilar")
+    assert dissimilar == [False] * 5 + [False, False, False, True, True, True]
+    assert labels_after_one_round(ThresholdScope.round, "similar") == [not v for v in dissimilar]
+
+
+def test_per_layer_selectors_get_a_round_threshold_each():
+    # layer 0: 80th percentile of 1 … 5 = 4.2; layer 1: 50 (a shared one would leave layer 0 all negative)
+    assert labels_after_one_round("round", "dissimilar", per_layer=True) == [
+        [False, False, False, False, True], [False, False, False, False, True, True]]
+
+
+def test_observation_scope_splits_every_observation_at_its_own_percentile():
+    # thresholds 2.6, 4.8 and 50 (exactly a distance: d >= 50 is dissimilar)
+    dissimilar = labels_after_one_round("observation", "dissimilar")
+    assert dissimilar == [False, False, True] + [False, True] + [False, False, False, False, True, True]
+    assert labels_after_one_round("observation", "similar") == [not v for v in dissimilar]
+
+
+@pytest.mark.parametrize("iterations,expected", [(25, [1, 11, 21]), (21, [1, 11])])
+def test_rounds_follow_iterations_one_eleven_twentyone_but_never_the_last(iterations, expected):
+    selector = RecordingSelector()
+    trainer = SelectorTrainer([selector], SelectorTraining(train_every=10), iterations=iterations)
+    for it in range(1, iterations + 1):
+        observed(trainer, 0, [1, 2, 3, 4, 5], width=4)
+        trainer.after_iteration(it)
+        assert selector.fitted  # the learned selector chooses from iteration 2 on
+    assert [r["iteration"] for r in trainer.rounds] == expected
+    assert [r["round"] for r in trainer.rounds] == list(range(1, len(expected) + 1))
+
+
+class ConstantSelector(PatchSelector):
+    """A fitted selector that finds every position equally likely positive, but for a few."""
+
+    learns = True
+
+    def __init__(self, seed, certain=()):
+        super().__init__(seed)
+        self.input_width, self.certain = 4, list(certain)
+
+    def positive_probability(self, features):
+        probability = torch.full((features.shape[0],), 0.5, device=features.device)
+        probability[self.certain] = 0.9
+        return probability
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_equal_probabilities_are_broken_at_random_over_the_whole_grid(device):
+    grid = torch.randn(16 * 16, 4, device=device)
+
+    def chosen(seed):
+        return ConstantSelector(seed, certain=[5, 200]).select(grid, 32)
+
+    picked = chosen(0)
+    rows, columns = (picked // 16).tolist(), (picked % 16).tolist()
+    quadrants = {(r >= 8, c >= 8) for r, c in zip(rows, columns)}
+    assert len(quadrants) == 4  # torch.topk or a stable sort would pick one strip of rows
+    assert picked[:2].sort().values.tolist() == [5, 200]  # higher probabilities still come first
+    assert picked.device.type == device and len(set(picked.tolist())) == 32
+    assert torch.equal(picked, chosen(0)) and not torch.equal(picked, chosen(1))
+
+
 def test_per_layer_selectors_train_separately():
     a, b = RecordingSelector(), RecordingSelector()
-    trainer = SelectorTrainer([a, b], SelectorTraining(train_every=1))
+    trainer = SelectorTrainer([a, b], SelectorTraining(train_every=1), iterations=2)
     trainer.observe(0, torch.randn(1, 16, 4), torch.randn(1, 16, 4))
     trainer.observe(1, torch.randn(1, 4, 8), torch.randn(1, 4, 8))
     trainer.after_iteration(1)
@@ -152,7 +245,7 @@ def test_per_layer_selectors_train_separately():
 
 def test_timed_selection_is_counted():
     selector = RandomSelector()
-    trainer = SelectorTrainer([selector], SelectorTraining(train_every=1))
+    trainer = SelectorTrainer([selector], SelectorTraining(train_every=1), iterations=2)
     [select] = trainer.select_functions()
     assert len(select(torch.randn(30, 4), 5)) == 5
     assert trainer.after_iteration(1)["select_time_s"] > 0
@@ -180,7 +273,7 @@ def test_bad_options_are_one_line(build, message):
 
 def test_capped_selector_gets_its_subset_before_padding():
     selector = RecordingKNN()
-    trainer = SelectorTrainer([selector, selector], SelectorTraining(train_every=1))
+    trainer = SelectorTrainer([selector, selector], SelectorTraining(train_every=1), iterations=2)
     trainer.observe(0, torch.randn(1, 30, 4), torch.randn(1, 30, 4))
     trainer.observe(1, torch.randn(1, 20, 8), torch.randn(1, 20, 8))
     trainer.after_iteration(1)
