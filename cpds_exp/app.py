@@ -172,7 +172,7 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
         for batch in claimed_batches(todo, cfg.batch_size, cfg.claim_timeout_h, done_meanwhile, done_elsewhere):
             rows = []
             for edit in batch:
-                record = base_record(cfg, editor, edit.item, edit.fingerprint)
+                record = base_record(cfg, editor, metrics, edit.item, edit.fingerprint)
                 try:
                     rows.append(PendingEdit(edit.item, edit.out, record, edit.item.load()))
                 except CpdsError as err:
@@ -266,9 +266,12 @@ def edit_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62
 
 
-def base_record(cfg: DictConfig, editor: Editor, item: EditItem, fingerprint: str) -> dict[str, Any]:
-    """What identifies an edit in its record (the table tool groups by these)."""
-    return {
+def base_record(cfg: DictConfig, editor: Editor, metrics: Metrics | None, item: EditItem,
+                fingerprint: str) -> dict[str, Any]:
+    """What identifies an edit in its record (the table tool groups by these, and never averages
+    records of different metric protocols together)."""
+    evaluation = metrics.describe() if metrics else {"metrics_protocol": None, "clip_model": None}
+    return {**evaluation,
         "image": item.name, "task": item.task, "source_prompt": item.source_prompt, "target_prompt": item.target_prompt,
         "method": cfg.method.name, "score": cfg.method.score.value, "cut": cfg.method.cut,
         "selector": cfg.selector.get("name"), "optimizer": cfg.optimizer.get("name"), "model": cfg.model.name,

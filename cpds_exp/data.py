@@ -102,8 +102,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
-def single(image: str, source_prompt: str, target_prompt: str | Sequence[str]) -> list[EditItem]:
-    """One image file and its prompt pair, or several target prompts (one edit each, batchable)."""
+def single(image: str, source_prompt: str, target_prompt: str | Sequence[str], task: str | None = None
+           ) -> list[EditItem]:
+    """One image file and its prompt pair, or several target prompts (one edit each, batchable);
+    ``task`` names the prompt pair in the records (an experiment on one image of a task)."""
     path = Path(image)
     source = check_prompt(source_prompt, "source")
     targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
@@ -111,8 +113,8 @@ def single(image: str, source_prompt: str, target_prompt: str | Sequence[str]) -
         raise CpdsError("dataset.target_prompt is an empty list: give one prompt or a list of them")
     picture = load_image(path)  # a single image fails at once on a bad file
     if len(targets) == 1:
-        return [EditItem(path.stem, source, check_prompt(targets[0], "target"), path=path, image=picture)]
-    return unique_names([EditItem(f"{path.stem}-{slug(t)}", source, check_prompt(t, "target"), path=path,
+        return [EditItem(path.stem, source, check_prompt(targets[0], "target"), task, path=path, image=picture)]
+    return unique_names([EditItem(f"{path.stem}-{slug(t)}", source, check_prompt(t, "target"), task, path=path,
                                   image=picture) for t in targets])
 
 
