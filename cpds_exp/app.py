@@ -1,6 +1,7 @@
 """From a composed config to edited images on disk: build the pieces, run each edit, write outputs."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -10,7 +11,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from hydra.errors import InstantiationException
@@ -29,7 +30,7 @@ from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
 from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
 from cpds_exp.selector_training import summarise_rounds
 from cpds_exp.naming import NON_SEMANTIC_KEYS
-from cpds_exp.results import read_record, save_image, side_by_side, write_json, write_text
+from cpds_exp.results import read_record, save_image, side_by_side, write_atomically, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +147,23 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     if todo:
         make_editor = functools.partial(Editor, settings=settings, make_selector=make_selector,
                                         make_optimizer=optimizer, selector_training=training)
-        records += edit_all(cfg, resolved, todo, many, started, device, make_editor)
+        records += edit_all(cfg, resolved, todo, many, started, device, make_editor, output_dir)
     report_divergence(records, many)
     report_unreadable(records, many)
     return records
 
 
 def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit], many: bool, started: float,
-             device: torch.device, make_editor: Callable[[SDStack], Editor]) -> list[dict[str, Any]]:
+             device: torch.device, make_editor: Callable[[SDStack], Editor], output_dir: Path
+             ) -> list[dict[str, Any]]:
     """Load the models and run the edits still to do, in claimed batches; their records."""
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
     stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
     editor = make_editor(stack)
     log.info("editing %d image(s) with %s on %s (pid %d)", len(todo), cfg.method.name, device, os.getpid())
     records: list[dict[str, Any]] = []
-    with tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
+    with profiled(cfg.profile, output_dir / "profile", device), \
+            tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
         def done_elsewhere(record: dict[str, Any]) -> None:
             records.append(record)
             bar.update(1)
@@ -186,6 +189,24 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
                 records += edit_batch(editor, metrics, rows, cfg, resolved)
             bar.update(len(batch))
     return records
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool, folder: Path, device: torch.device) -> Iterator[None]:
+    """The torch profiler around the edits (``profile=true``): a Chrome trace and a table of the
+    most expensive ops in ``folder``."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as profiler:
+        yield
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    write_text(folder / "summary.txt", profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+    write_atomically(folder / "trace.json", profiler.export_chrome_trace)
+    log.info("profile written to %s (open trace.json in chrome://tracing or ui.perfetto.dev)", folder)
 
 
 def split_finished(cfg: DictConfig, semantic: dict[str, Any], items: list[EditItem], output_dir: Path,

@@ -40,8 +40,9 @@ SWEEP_ENV = "CPDS_EXP_SWEEP"
 LOCAL_WORKER_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.hydra_submitit_launcher."
                           "submitit_launcher.LocalLauncher")
 
-#: conf/ beside the package (an editable install or a checkout); Hydra takes an absolute path.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+#: conf/ beside the package in a checkout (or an editable install), else the copy inside the wheel.
+CONFIG_DIR = next(str(path) for path in (Path(__file__).resolve().parent.parent / "conf",
+                                          Path(__file__).resolve().parent / "conf") if (path / "config.yaml").is_file())
 
 #: failures of jobs that ran in this process (the record when a FAILED file cannot be written)
 _failed_here: list[str] = []

@@ -105,6 +105,7 @@ class AppConfig:
     compile_backend: str = "inductor"
     channels_last: bool = False
     gradient_checkpointing: bool = False
+    profile: bool = False
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -16,7 +16,7 @@ from cpds_exp.errors import CpdsError
 #: field of a group.
 NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
                      "batch_size", "num_shards", "shard", "compile", "compile_mode", "compile_backend",
-                     "channels_last", "gradient_checkpointing", "claim_timeout_h", "dataset.limit")
+                     "channels_last", "gradient_checkpointing", "claim_timeout_h", "profile", "dataset.limit")
 
 #: Overrides that pick what runs, not how (``+experiment=table1``): not part of job folder names.
 NOT_IN_JOB_FOLDER = ("experiment",)

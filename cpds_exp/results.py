@@ -16,7 +16,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` next to ``path``, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,7 +33,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
@@ -62,7 +62,7 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = 
 
 def save_image(path: str | os.PathLike, image: Image.Image) -> Path:
     """Save a PNG atomically (the format is fixed so the temporary name does not matter)."""
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def side_by_side(*images: Image.Image) -> Image.Image:

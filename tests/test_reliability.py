@@ -198,12 +198,12 @@ def test_an_unwritable_output_folder_is_one_line(tmp_path):
 FULL_DISK = """
 import errno, sys
 import cpds_exp.results as results
-atomic = results._atomic
+atomic = results.write_atomically
 def full(path, write):
     if str(path).endswith("summary.json"):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     return atomic(path, write)
-results._atomic = full
+results.write_atomically = full
 from cpds_exp.cli import main
 main()
 """
