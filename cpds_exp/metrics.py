@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
 
 log = logging.getLogger(__name__)
@@ -59,18 +59,12 @@ def _unavailable(what: str, err: Exception) -> CpdsError:
                      "or pass metrics=random for a dry run, or metrics=none to skip metrics")
 
 
-def to_pil_images(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [0, 1] → 8-bit RGB images, rounded as saved PNGs are."""
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return [Image.fromarray(image.permute(1, 2, 0).cpu().numpy()) for image in pixels]
-
-
 def published_resize(images: torch.Tensor) -> torch.Tensor:
     """evaluate.py's input to both metrics: PIL image → Resize((224, 224)) (bilinear) → ToTensor."""
     from torchvision import transforms
 
     transform = transforms.Compose([transforms.Resize((PUBLISHED_SIZE, PUBLISHED_SIZE)), transforms.ToTensor()])
-    return torch.stack([transform(image) for image in to_pil_images(images)]).to(images.device)
+    return torch.stack([transform(image) for image in to_pil(images)]).to(images.device)
 
 
 def clip_architecture(model_name: str, pretrained: str | None) -> str:
@@ -136,7 +130,7 @@ class ClipScore:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] → CLIP input, through open_clip's own eval transform (bicubic resize of
         the short side, centre crop, CLIP mean/std): on 8-bit images as it was trained, via PIL."""
-        return torch.stack([self.transform(image) for image in to_pil_images(images)])
+        return torch.stack([self.transform(image) for image in to_pil(images)])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
