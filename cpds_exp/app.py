@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -30,7 +31,8 @@ from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
 from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
 from cpds_exp.selector_training import summarise_rounds
 from cpds_exp.naming import NON_SEMANTIC_KEYS
-from cpds_exp.results import read_record, save_image, side_by_side, write_atomically, write_json, write_text
+from cpds_exp.records import FINAL, ITERATION, METRIC, SELECTOR_MEAN, SELECTOR_ROUND, EditRecord, load_record
+from cpds_exp.results import save_image, side_by_side, write_atomically, write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ class PlannedEdit:
     fingerprint: str
 
 
-def finished_record(edit: PlannedEdit, since: float | None = None) -> dict[str, Any] | None:
+def finished_record(edit: PlannedEdit, since: float | None = None) -> EditRecord | None:
     """The record of ``edit`` if it is finished with the same fingerprint (resume), else None.
 
     A diverged edit is final; a skipped unreadable image counts as finished until its file
@@ -97,25 +99,25 @@ def finished_record(edit: PlannedEdit, since: float | None = None) -> dict[str, 
     computed it during this run). A missing or damaged record counts as not finished.
     """
     path = edit.out / "summary.json"
-    record = read_record(path)
-    if record is None or record.get("fingerprint") != edit.fingerprint:
+    record = load_record(path)
+    if record is None or record.fingerprint != edit.fingerprint:
         return None
     if since is not None:
         try:
             return record if path.stat().st_mtime >= since else None
         except OSError:
             return None
-    if record.get("status") == "done" and (edit.out / "result.png").is_file():
+    if record.status == "done" and (edit.out / "result.png").is_file():
         return record
-    if record.get("status") == "diverged":  # final: the same config diverges again (force=true retries)
+    if record.status == "diverged":  # final: the same config diverges again (force=true retries)
         return record
-    if record.get("status") == "skipped" and record.get("image_mtime") == image_stamp(edit.item):
+    if record.status == "skipped" and record.image_mtime == image_stamp(edit.item):
         return record
     return None
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
-    """Edit every item of the configured dataset; returns one record per item.
+    """Edit every item of the configured dataset; returns one record per item (as in summary.json).
 
     A single edit writes into ``output_dir``; a dataset writes ``output_dir/edits/<item>/``.
     Finished edits with the same fingerprint are skipped unless ``force=true``; an unreadable
@@ -150,25 +152,25 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
         records += edit_all(cfg, resolved, todo, many, started, device, make_editor, output_dir)
     report_divergence(records, many)
     report_unreadable(records, many)
-    return records
+    return [record.as_dict() for record in records]
 
 
 def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit], many: bool, started: float,
              device: torch.device, make_editor: Callable[[SDStack], Editor], output_dir: Path
-             ) -> list[dict[str, Any]]:
+             ) -> list[EditRecord]:
     """Load the models and run the edits still to do, in claimed batches; their records."""
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
     stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
     editor = make_editor(stack)
     log.info("editing %d image(s) with %s on %s (pid %d)", len(todo), cfg.method.name, device, os.getpid())
-    records: list[dict[str, Any]] = []
+    records: list[EditRecord] = []
     with profiled(cfg.profile, output_dir / "profile", device), \
             tqdm(total=len(todo), desc="images", disable=not many or not cfg.progress) as bar:
-        def done_elsewhere(record: dict[str, Any]) -> None:
+        def done_elsewhere(record: EditRecord) -> None:
             records.append(record)
             bar.update(1)
 
-        def done_meanwhile(edit: PlannedEdit) -> dict[str, Any] | None:
+        def done_meanwhile(edit: PlannedEdit) -> EditRecord | None:
             """Checked once claimed: another process may have finished the edit since this run looked."""
             return finished_record(edit, since=started) or (None if cfg.force else finished_record(edit))
 
@@ -182,8 +184,8 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
                     if not many:
                         raise
                     log.warning("skipping %s: %s", edit.item.name, err)
-                    record.update(status="skipped", reason=str(err), image_mtime=image_stamp(edit.item))
-                    write_json(edit.out / "summary.json", record)
+                    record.status, record.reason, record.image_mtime = "skipped", str(err), image_stamp(edit.item)
+                    record.save(edit.out)
                     records.append(record)
             if rows:
                 records += edit_batch(editor, metrics, rows, cfg, resolved)
@@ -210,7 +212,7 @@ def profiled(enabled: bool, folder: Path, device: torch.device) -> Iterator[None
 
 
 def split_finished(cfg: DictConfig, semantic: dict[str, Any], items: list[EditItem], output_dir: Path,
-                   many: bool) -> tuple[list[dict[str, Any]], list[PlannedEdit]]:
+                   many: bool) -> tuple[list[EditRecord], list[PlannedEdit]]:
     """The records of edits already finished (resume) and the edits still to do; ``semantic`` is
     the resolved config with the resolved dtype (``auto`` is float16 on CUDA, float32 on CPU)."""
     records, todo = [], []
@@ -225,21 +227,21 @@ def split_finished(cfg: DictConfig, semantic: dict[str, Any], items: list[EditIt
     return records, todo
 
 
-def report_unreadable(records: list[dict[str, Any]], many: bool) -> None:
+def report_unreadable(records: list[EditRecord], many: bool) -> None:
     """A dataset none of whose images can be read is an error, not a run of skips."""
-    if many and records and all(r.get("status") == "skipped" for r in records):
-        raise CpdsError(f"none of the {len(records)} images could be read (e.g. {records[0]['image']}: "
-                        f"{records[0].get('reason')}): check dataset.path")
+    if many and records and all(r.status == "skipped" for r in records):
+        raise CpdsError(f"none of the {len(records)} images could be read (e.g. {records[0].image}: "
+                        f"{records[0].reason}): check dataset.path")
 
 
-def report_divergence(records: list[dict[str, Any]], many: bool) -> None:
+def report_divergence(records: list[EditRecord], many: bool) -> None:
     """A lone diverged edit is an error; among many, a warning each (their records say so)."""
     for record in records:
-        if record["status"] == "diverged":
-            snapshots = record["snapshots"]
+        if record.status == "diverged":
+            snapshots = record.snapshots
             kept = f"the last good snapshot is {snapshots[-1]}" if snapshots else "no snapshot was reached"
-            message = (f"the latent became NaN/Inf at iteration {record['diverged_at']} of the {record['image']} "
-                       f"edit (lr={record['lr']}); {kept}; try a smaller lr")
+            message = (f"the latent became NaN/Inf at iteration {record.diverged_at} of the {record.image} "
+                       f"edit (lr={record.lr}); {kept}; try a smaller lr")
             if not many:
                 raise CpdsError(message)
             log.warning(message)
@@ -251,7 +253,7 @@ class PendingEdit:
 
     item: EditItem
     out: Path
-    record: dict[str, Any]
+    record: EditRecord
     image: Image.Image
 
 
@@ -288,23 +290,21 @@ def edit_seed(seed: int, name: str) -> int:
 
 
 def base_record(cfg: DictConfig, editor: Editor, metrics: Metrics | None, item: EditItem,
-                fingerprint: str) -> dict[str, Any]:
+                fingerprint: str) -> EditRecord:
     """What identifies an edit in its record (the table tool groups by these, and never averages
     records of different metric protocols together)."""
     evaluation = metrics.describe() if metrics else {"metrics_protocol": None, "clip_model": None}
-    return {**evaluation,
-        "image": item.name, "task": item.task, "source_prompt": item.source_prompt, "target_prompt": item.target_prompt,
-        "method": cfg.method.name, "score": cfg.method.score.value, "cut": cfg.method.cut,
-        "selector": cfg.selector.get("name"), "optimizer": cfg.optimizer.get("name"), "model": cfg.model.name,
-        "seed": cfg.seed, "lr": editor.settings.lr, "w_dds": cfg.w_dds, "w_cut": cfg.w_cut,
-        "iterations": cfg.iterations, "resolution": cfg.resolution, "sweep_name": cfg.sweep_name,
-        "device": str(editor.stack.device), "dtype": str(editor.stack.dtype).removeprefix("torch."),
-        "fingerprint": fingerprint,
-    }
+    return EditRecord(
+        image=item.name, task=item.task, source_prompt=item.source_prompt, target_prompt=item.target_prompt,
+        method=cfg.method.name, score=cfg.method.score.value, cut=cfg.method.cut,
+        selector=cfg.selector.get("name"), optimizer=cfg.optimizer.get("name"), model=cfg.model.name,
+        seed=cfg.seed, lr=editor.settings.lr, w_dds=cfg.w_dds, w_cut=cfg.w_cut, iterations=cfg.iterations,
+        resolution=cfg.resolution, sweep_name=cfg.sweep_name, device=str(editor.stack.device),
+        dtype=str(editor.stack.dtype).removeprefix("torch."), fingerprint=fingerprint, **evaluation)
 
 
 def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit], cfg: DictConfig,
-               resolved: dict[str, Any]) -> list[dict[str, Any]]:
+               resolved: dict[str, Any]) -> list[EditRecord]:
     """Edit a batch together; each edit gets its own outputs, W&B run and record."""
     images = torch.cat([prepare_image(row.image, cfg.resolution, cfg.image_prep.value) for row in rows])
     sources = to_pil((images + 1) / 2)
@@ -315,11 +315,11 @@ def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit],
         loggers.append(build(cfg.logger, run_config=resolved, run_dir=str(row.out), run_name=run_name(cfg, row.item)))
 
     def on_log(b: int, values: dict[str, float]) -> None:
-        loggers[b].log_metrics(values, step=int(values["iteration"]))
+        loggers[b].log_metrics(values, step=int(values[ITERATION]))
 
     def on_selector_round(b: int, round_record: dict[str, Any]) -> None:
-        loggers[b].log_metrics({f"selector/{k}": v for k, v in round_record.items() if v is not None},
-                               step=int(round_record["iteration"]))
+        loggers[b].log_metrics({SELECTOR_ROUND.format(k): v for k, v in round_record.items() if v is not None},
+                               step=int(round_record[ITERATION]))
 
     def on_snapshot(b: int, iteration: int, decoded: torch.Tensor) -> None:
         snapshot = to_pil(decoded.unsqueeze(0))[0]
@@ -338,29 +338,30 @@ def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit],
     records = []
     for b, (row, source, edited) in enumerate(zip(rows, sources, to_pil(decoded))):
         record = row.record
-        record.update(time_s=seconds, batch_size=len(rows), snapshots=snapshots[b])
+        record.time_s, record.batch_size, record.snapshots = seconds, len(rows), snapshots[b]
         if result.diverged_at[b] is not None:
-            record.update(status="diverged", diverged_at=result.diverged_at[b])
-            write_json(row.out / "summary.json", record)
+            record.status, record.diverged_at = "diverged", result.diverged_at[b]
+            record.save(row.out)
             loggers[b].finish(failed=True)
             records.append(record)
             continue
         means = summarise_rounds(result.selector_rounds[b])
         row_scores = scores[b] if scores else no_scores
-        record.update(status="done", **row_scores, selector_accuracy=means["accuracy"],
-                      selector_balanced_accuracy=means["balanced_accuracy"],
-                      final={k: v for k, v in result.final[b].items() if k != "iteration"},
-                      selector_rounds=result.selector_rounds[b], selector_means=means,
-                      outputs={"result": "result.png", "side_by_side": "side_by_side.png", "source": "source.png"})
+        record = dataclasses.replace(
+            record, status="done", **row_scores, selector_accuracy=means["accuracy"],
+            selector_balanced_accuracy=means["balanced_accuracy"],
+            final={k: v for k, v in result.final[b].items() if k != ITERATION},
+            selector_rounds=result.selector_rounds[b], selector_means=means,
+            outputs={"result": "result.png", "side_by_side": "side_by_side.png", "source": "source.png"})
         comparison = side_by_side(source, edited)
         save_image(row.out / "result.png", edited)
         save_image(row.out / "side_by_side.png", comparison)
-        write_json(row.out / "summary.json", record)  # last: its presence marks the edit finished
+        record.save(row.out)  # last: its presence marks the edit finished
         logger = loggers[b]
         logger.log_images({"result": comparison}, step=cfg.iterations)
-        logger.set_summary({"time_s": seconds, **{f"metrics/{k}": v for k, v in row_scores.items() if v is not None},
-                            **{f"final/{k}": v for k, v in record["final"].items()},
-                            **{f"selector_mean/{k}": v for k, v in means.items() if v is not None}})
+        logger.set_summary({"time_s": seconds, **{METRIC.format(k): v for k, v in row_scores.items() if v is not None},
+                            **{FINAL.format(k): v for k, v in record.final.items()},
+                            **{SELECTOR_MEAN.format(k): v for k, v in means.items() if v is not None}})
         logger.finish()
         log.info("%s: %r -> %r in %.1f s (CLIP %s, LPIPS %s), written to %s", row.item.name, row.item.source_prompt,
                  row.item.target_prompt, seconds, _fmt(row_scores["clip"]), _fmt(row_scores["lpips"]), row.out)

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from cpds_exp.results import csv_text, read_record, save_image, write_text
+from cpds_exp.records import load_record
+from cpds_exp.results import csv_text, save_image, write_text
 
 METRICS = ("clip", "lpips")
 METHOD_ORDER = ("dds", "cds", "pds", "cpds", "cds_matched")
@@ -34,10 +35,6 @@ PAPER_TABLE2 = {
 PAPER = {"method": PAPER_TABLE1, "selector": PAPER_TABLE2}
 
 
-#: what a record needs to be placed in a table (anything else may be missing)
-REQUIRED_KEYS = ("fingerprint", "status", "image")
-
-
 def scan_records(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[Path]]:
     """Every edit record under ``sweep_dir`` (jobs and shards merged), with ``_dir`` set to its
     folder, and the records that cannot be read (damaged files are listed, not fatal).
@@ -47,10 +44,11 @@ def scan_records(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[Path
     by_edit: dict[str, tuple[float, dict[str, Any]]] = {}
     unreadable = []
     for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        record = read_record(path)
-        if record is None or not all(isinstance(record.get(key), str) for key in REQUIRED_KEYS):
+        loaded = load_record(path)
+        if loaded is None:
             unreadable.append(path)
             continue
+        record = loaded.as_dict()
         record["_dir"] = str(path.parent)
         stamp = path.stat().st_mtime
         if record["fingerprint"] not in by_edit or stamp > by_edit[record["fingerprint"]][0]:

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 from PIL import Image
 
 from cpds_exp.loggers import resolve_wandb_mode
+from cpds_exp.records import CUT_TOTAL, METRIC, SCORE_GRAD_NORM, SELECTOR_ROUND
 
 TASKS = ("cat2dog", "cat2cow", "cat2pig")
 
@@ -23,7 +24,8 @@ def log_report(report: dict[str, Any], sweep_name: str, project: str = "cpds-exp
     for key in ("table", "differences"):
         if report.get(key):
             columns = list(dict.fromkeys(k for entry in report[key] for k in entry))
-            run.log({key: wandb.Table(columns=columns, data=[[entry.get(c) for c in columns] for entry in report[key]])})
+            rows = [[entry.get(c) for c in columns] for entry in report[key]]
+            run.log({key: wandb.Table(columns=columns, data=rows)})
     run.log({f"grid/{task}": wandb.Image(grid) for task, grid in report["grids"].items()})
     if report["accuracy_plot"] is not None:
         run.log({"selector_accuracy": wandb.Image(Image.open(report["accuracy_plot"]))})
@@ -47,14 +49,15 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
                            filters=expr.And(expr.Config("sweep_name") == sweep_name,
                                                     expr.Config("task.name") == task))
         blocks += [wr.H2(task), wr.PanelGrid(runsets=[runset], panels=[
-            wr.BarPlot(title=f"{task}: CLIP score", metrics=["metrics/clip"], groupby=group_key,
+            wr.BarPlot(title=f"{task}: CLIP score", metrics=[METRIC.format("clip")], groupby=group_key,
                        groupby_aggfunc="mean", groupby_rangefunc="stderr"),
-            wr.BarPlot(title=f"{task}: LPIPS", metrics=["metrics/lpips"], groupby=group_key,
+            wr.BarPlot(title=f"{task}: LPIPS", metrics=[METRIC.format("lpips")], groupby=group_key,
                        groupby_aggfunc="mean", groupby_rangefunc="stderr"),
-            wr.LinePlot(title="CUT loss", x="Step", y=["cut/total"], groupby=group_key),
-            wr.LinePlot(title="score gradient norm", x="Step", y=["score/grad_norm"], groupby=group_key),
+            wr.LinePlot(title="CUT loss", x="Step", y=[CUT_TOTAL], groupby=group_key),
+            wr.LinePlot(title="score gradient norm", x="Step", y=[SCORE_GRAD_NORM], groupby=group_key),
             wr.LinePlot(title="selector accuracy (unseen data)", x="Step",
-                        y=["selector/accuracy", "selector/balanced_accuracy"], groupby=group_key),
+                        y=[SELECTOR_ROUND.format("accuracy"), SELECTOR_ROUND.format("balanced_accuracy")],
+                        groupby=group_key),
             wr.MediaBrowser(title="source | result", media_keys=["result"]),
         ])]
     report_runs = wr.Runset(entity=entity, project=project, name="report",

@@ -15,6 +15,7 @@ from cpds_exp.app import run
 from cpds_exp.claims import try_claim, wait_for_claim
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import job_folder
+from cpds_exp.records import EditRecord
 from cpds_exp.report import build_report
 from test_cli import child_env, read_until, run_py, start_run_py
 from test_datasets import FAST, make_bomb, make_photos
@@ -157,10 +158,8 @@ def test_the_fingerprint_holds_the_resolved_dtype(compose_config, tmp_path):
 
 
 def test_report_script_lists_unreadable_records(tmp_path):
-    good = tmp_path / "job" / "edits" / "a"
-    good.mkdir(parents=True)
-    (good / "summary.json").write_text(json.dumps(dict(fingerprint="f", status="done", image="a", method="dds",
-                                                       task="cat2dog", clip=0.2, lpips=0.1)))
+    EditRecord(image="a", source_prompt="a cat", target_prompt="a dog", method="dds", fingerprint="f",
+               status="done", task="cat2dog", clip=0.2, lpips=0.1).save(tmp_path / "job" / "edits" / "a")
     (tmp_path / "job" / "edits" / "b").mkdir()
     (tmp_path / "job" / "edits" / "b" / "summary.json").write_bytes(b"\xff")
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(tmp_path)], capture_output=True,

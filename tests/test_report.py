@@ -7,9 +7,15 @@ import sys
 import pytest
 from PIL import Image
 
+from cpds_exp.records import EditRecord
 from cpds_exp.report import attach_paper, build_report, infer_rows, mean_and_sem, summarise, to_markdown
 from cpds_exp.wandb_report import build_dashboard, log_report
 from wandb_offline import finished_run_file, read_run
+
+
+#: what every fake record shares
+FAKE = dict(status="done", sweep_name="fake", metrics_protocol="published", source_prompt="a cat",
+            target_prompt="a dog")
 
 
 def write_records(root, rows):
@@ -17,8 +23,7 @@ def write_records(root, rows):
     for i, row in enumerate(rows):
         folder = root / f"job{i % 3}" / "edits" / f"{row['image']}-{i}"
         folder.mkdir(parents=True)
-        record = {"fingerprint": f"f{i}", "status": "done", "sweep_name": "fake", "metrics_protocol": "published", **row}
-        (folder / "summary.json").write_text(json.dumps(record))
+        EditRecord(**{**FAKE, "fingerprint": f"f{i}", **row}).save(folder)
         for name in ("source", "result"):
             Image.new("RGB", (16, 16), (i * 20 % 255, 0, 0)).save(folder / f"{name}.png")
 
@@ -35,10 +40,8 @@ def test_summarise_groups_cells_and_ignores_unfinished(tmp_path):
             dict(image="b", method="cds", task="cat2dog", clip=0.3, lpips=0.3),
             dict(image="a", method="dds", task="cat2dog", clip=0.25, lpips=0.2)]
     write_records(tmp_path, rows)
-    (tmp_path / "job0/edits/skipped").mkdir()
-    (tmp_path / "job0/edits/skipped/summary.json").write_text(json.dumps(
-        {"fingerprint": "x", "status": "skipped", "method": "cds", "task": "cat2dog", "image": "c",
-         "metrics_protocol": "published"}))
+    EditRecord(**{**FAKE, "fingerprint": "x", "status": "skipped", "method": "cds", "task": "cat2dog",
+                  "image": "c"}).save(tmp_path / "job0/edits/skipped")
     from cpds_exp.report import load_records
 
     records = load_records(tmp_path)
