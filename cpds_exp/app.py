@@ -294,7 +294,7 @@ def base_record(cfg: DictConfig, editor: Editor, metrics: Metrics | None, item: 
     evaluation = metrics.describe() if metrics else {"metrics_protocol": None, "clip_model": None}
     return {**evaluation,
         "image": item.name, "task": item.task, "source_prompt": item.source_prompt, "target_prompt": item.target_prompt,
-        "method": cfg.method.name, "score": _score_name(editor), "cut": "cut" in editor.terms,
+        "method": cfg.method.name, "score": _score_name(editor), "cut": has_cut(cfg.method),
         "selector": cfg.selector.get("name"), "optimizer": cfg.optimizer.get("name"), "model": cfg.model.name,
         "seed": cfg.seed, "lr": editor.settings.lr, "w_dds": cfg.w_dds, "w_cut": cfg.w_cut,
         "iterations": cfg.iterations, "resolution": cfg.resolution, "sweep_name": cfg.sweep_name,
@@ -306,7 +306,7 @@ def base_record(cfg: DictConfig, editor: Editor, metrics: Metrics | None, item: 
 def _score_name(editor: Editor) -> str | None:
     """The name of the method's score term (``dds``, ``pds``, ...), None without one."""
     score = editor.terms.get("score")
-    return score.name if score else None
+    return score.name if score is not None else None
 
 
 def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit], cfg: DictConfig,

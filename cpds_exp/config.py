@@ -5,8 +5,8 @@ wrong type fails with one line instead of surfacing deep inside the loop.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
