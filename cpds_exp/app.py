@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cpds_exp.config import edit_settings, selector_options, selector_training, validate
+from cpds_exp.config import build_terms, edit_settings, has_cut, selector_options, selector_training, validate
 from cpds_exp.claims import claimed_batches
 from cpds_exp.data import EditItem, prepare_image, to_pil, unique_names
 from cpds_exp.editor import EditCallbacks, Editor
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     cfg = validate(cfg)
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
-    settings, training = edit_settings(cfg), selector_training(cfg)
+    settings, training, terms = edit_settings(cfg), selector_training(cfg), build_terms(cfg)
     make_selector = functools.partial(build, selector_options(cfg), seed=cfg.seed)
     make_selector()  # fail on a bad selector option before loading a model
     optimizer = build(cfg.optimizer)
@@ -142,13 +142,13 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     device = resolve_device(job_device(cfg.device))
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
     records, todo = split_finished(cfg, {**resolved, "dtype": dtype}, items, output_dir, many)
-    if not cfg.method.cut and "name" in cfg.selector and cfg.selector.name != "random":
+    if not has_cut(cfg.method) and "name" in cfg.selector and cfg.selector.name != "random":
         log.info("method %s has no CUT term: selector=%s is not used", cfg.method.name, cfg.selector.name)
     if records:
         log.info("resuming: %d of %d edits are already done (force=true recomputes them)", len(records), len(items))
     if todo:
-        make_editor = functools.partial(Editor, settings=settings, make_selector=make_selector,
-                                        make_optimizer=optimizer, selector_training=training)
+        make_editor = functools.partial(Editor, settings=settings, terms=terms, make_optimizer=optimizer,
+                                        make_selector=make_selector, selector_training=training)
         records += edit_all(cfg, resolved, todo, many, started, device, make_editor, output_dir)
     report_divergence(records, many)
     report_unreadable(records, many)
@@ -260,7 +260,7 @@ class PendingEdit:
 def run_name(cfg: DictConfig, item: EditItem) -> str:
     """method[-selector][-task][-shard k of n]-image: readable in a W&B group of thousands."""
     parts = [cfg.method.name]
-    if cfg.method.cut:
+    if has_cut(cfg.method):
         parts.append(str(cfg.selector.get("name")))
     if item.task:
         parts.append(item.task)
@@ -296,11 +296,17 @@ def base_record(cfg: DictConfig, editor: Editor, metrics: Metrics | None, item: 
     evaluation = metrics.describe() if metrics else {"metrics_protocol": None, "clip_model": None}
     return EditRecord(
         image=item.name, task=item.task, source_prompt=item.source_prompt, target_prompt=item.target_prompt,
-        method=cfg.method.name, score=cfg.method.score.value, cut=cfg.method.cut,
+        method=cfg.method.name, score=_score_name(editor), cut=has_cut(cfg.method),
         selector=cfg.selector.get("name"), optimizer=cfg.optimizer.get("name"), model=cfg.model.name,
         seed=cfg.seed, lr=editor.settings.lr, w_dds=cfg.w_dds, w_cut=cfg.w_cut, iterations=cfg.iterations,
         resolution=cfg.resolution, sweep_name=cfg.sweep_name, device=str(editor.stack.device),
         dtype=str(editor.stack.dtype).removeprefix("torch."), fingerprint=fingerprint, **evaluation)
+
+
+def _score_name(editor: Editor) -> str | None:
+    """The name of the method's score term (``dds``, ``pds``, ...), None without one."""
+    score = editor.terms.get("score")
+    return score.name if score is not None else None
 
 
 def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit], cfg: DictConfig,

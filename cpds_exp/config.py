@@ -1,15 +1,17 @@
-"""The typed schema of the Hydra config, and its translation into :class:`EditSettings`.
+"""The typed schema of the Hydra config, and its translation into :class:`EditSettings` and loss terms.
 
 The YAML in ``conf/`` is merged onto these dataclasses, so a misspelt key or a value of the
 wrong type fails with one line instead of surfacing deep inside the loop.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Optional
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -18,13 +20,9 @@ from cpds_exp.errors import CpdsError
 from cpds_exp.metrics import MetricsConfig
 from cpds_exp.naming import check_folder_name
 from cpds_exp.selector_training import SelectorTraining
+from cpds_exp.terms import Term
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
-
-
-class Score(str, Enum):
-    dds = "dds"
-    pds = "pds"
 
 
 class ImagePrep(str, Enum):
@@ -34,15 +32,12 @@ class ImagePrep(str, Enum):
 
 @dataclass
 class MethodConfig:
-    """A method = a score, whether the CUT term is on, and its published learning rate."""
+    """A method = its loss terms (``_target_`` a :class:`Term` dataclass, with its options) and its
+    published learning rate. By convention the score term is ``score`` and the CUT term ``cut``."""
 
     name: str
-    score: Score
-    cut: bool
     lr: float
-    lambda_weighting: bool = False  # multiply the score gradient by PDS's λ(t) (matched-step CDS)
-    score_weight: float = 1.0       # multiplies w_dds
-    cut_weight: float = 1.0         # multiplies w_cut
+    terms: dict[str, Any]
 
 
 @dataclass
@@ -134,8 +129,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         (0 < lr < FLOAT32_MAX, f"lr={lr} must be positive and finite (the method's default is {typed.method.lr})"),
         (typed.iterations > 0, f"iterations={typed.iterations} must be positive (the paper uses 200)"),
         (0 <= typed.t_min < typed.t_max <= 1000, f"t_min={typed.t_min}, t_max={typed.t_max}: need 0 <= t_min < t_max <= 1000"),
-        (typed.t_min >= 1 or (typed.method.score != Score.pds and not typed.method.lambda_weighting),
-         "PDS and λ(t) weighting need t_min >= 1 (they use t - 1)"),
         (typed.resolution > 0 and typed.resolution % 64 == 0,
          f"resolution={typed.resolution} is not a positive multiple of 64: use 512 (or 256, 768, ...)"),
         (typed.n_patches > 0, f"n_patches={typed.n_patches} must be positive (the paper uses 256)"),
@@ -159,16 +152,47 @@ def validate(cfg: DictConfig) -> DictConfig:
 def edit_settings(cfg: DictConfig) -> EditSettings:
     """The editor's settings from a validated config (lr: the override, else the method's)."""
     return EditSettings(
-        score=cfg.method.score.value, use_cut=cfg.method.cut, lambda_weighting=cfg.method.lambda_weighting,
-        score_weight=cfg.method.score_weight, cut_weight=cfg.method.cut_weight,
         lr=cfg.lr if cfg.lr is not None else cfg.method.lr, iterations=cfg.iterations,
-        guidance_scale=cfg.guidance_scale, w_dds=cfg.w_dds, w_cut=cfg.w_cut, n_patches=cfg.n_patches,
-        patch_sizes=tuple(cfg.patch_sizes), tau=cfg.tau, t_min=cfg.t_min, t_max=cfg.t_max,
-        cut_layers=tuple(cfg.cut_layers), seed=cfg.seed, snapshot_every=cfg.snapshot_every,
+        guidance_scale=cfg.guidance_scale, t_min=cfg.t_min, t_max=cfg.t_max, seed=cfg.seed,
+        snapshot_every=cfg.snapshot_every,
         log_every=cfg.log_every, progress=cfg.progress, compile=cfg.compile, compile_mode=cfg.compile_mode,
         compile_backend=cfg.compile_backend,
         channels_last=cfg.channels_last, gradient_checkpointing=cfg.gradient_checkpointing,
     )
+
+
+def has_cut(method: DictConfig) -> bool:
+    """Whether a method has the CUT term (the term named ``cut``), so patch selectors matter."""
+    return "cut" in method.terms
+
+
+def build_term(key: str, node: DictConfig) -> Term:
+    """One term from its config node: the ``_target_`` dataclass with the node's options, typed."""
+    params = OmegaConf.to_container(node, resolve=True)
+    target = params.pop("_target_", None)
+    try:
+        cls = get_class(target) if target else None
+    except Exception as err:  # hydra wraps import errors of every kind
+        raise CpdsError(f"method.terms.{key}._target_={target} cannot be imported: give a class's full "
+                        "module path, e.g. cpds_exp.terms.DDSTerm") from err
+    if not (isinstance(cls, type) and issubclass(cls, Term) and dataclasses.is_dataclass(cls)):
+        raise CpdsError(f"method.terms.{key}._target_={target} is not a dataclass subclass of "
+                        "cpds_exp.terms.Term: point it at a loss term class")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), params))
+    except OmegaConfBaseException as err:
+        raise CpdsError(f"invalid method.terms.{key} option: {_one_line(err)}") from err
+
+
+def build_terms(cfg: DictConfig) -> dict[str, Term]:
+    """The method's loss terms, each checked against the run's settings (before any model loads)."""
+    if not cfg.method.terms:
+        raise CpdsError(f"method {cfg.method.name} has no terms: add one under method.terms, "
+                        "e.g. score: {_target_: cpds_exp.terms.DDSTerm}")
+    terms = {key: build_term(key, node) for key, node in cfg.method.terms.items()}
+    for term in terms.values():
+        term.check(cfg.t_min)
+    return terms
 
 
 TRAINING_KEYS = tuple(f.name for f in fields(SelectorTraining))

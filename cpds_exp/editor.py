@@ -8,42 +8,30 @@ every ``log_every`` iterations (logging, divergence check) and at snapshots.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from cpds_exp.cut import Select, cut_losses
-from cpds_exp.features import DEFAULT_CUT_LAYERS, FeatureCapture
 from cpds_exp.models import SDStack
-from cpds_exp.scores import add_noise, dds_grad, pds_dds_ratio, pds_grad, score_scale
-from cpds_exp.selector_training import SelectorTrainer, SelectorTraining
-from cpds_exp.selectors import PatchSelector
-
-SCORES = ("dds", "pds")
+from cpds_exp.scores import add_noise
+from cpds_exp.selector_training import SelectorTraining
+from cpds_exp.selectors import PatchSelector, RandomSelector
+from cpds_exp.step import Prediction, RowRandom, Step
+from cpds_exp.terms import Term, TermContext
+from cpds_exp.records import ITERATION, ITERATION_TIME, TIMESTEP
 
 
 @dataclass
 class EditSettings:
-    """Everything that shapes an edit besides the model, the prompts and the selector."""
+    """Everything that shapes an edit besides the model, the prompts, the loss terms and the selector."""
 
-    score: str = "dds"
-    use_cut: bool = True
-    lambda_weighting: bool = False
-    score_weight: float = 1.0
-    cut_weight: float = 1.0
     lr: float = 0.1
     iterations: int = 200
     guidance_scale: float = 7.5
-    w_dds: float = 1.0
-    w_cut: float = 3.0
-    n_patches: int = 256
-    patch_sizes: Sequence[int] = (1, 2)
-    tau: float = 0.07
     t_min: int = 50
     t_max: int = 950
-    cut_layers: Sequence[str] = DEFAULT_CUT_LAYERS
     seed: int = 0
     snapshot_every: int = 50
     log_every: int = 10
@@ -53,45 +41,6 @@ class EditSettings:
     compile_backend: str = "inductor"
     channels_last: bool = False
     gradient_checkpointing: bool = False
-
-    def __post_init__(self):
-        if self.score not in SCORES:
-            raise ValueError(f"score={self.score!r}: expected one of {SCORES}")
-
-
-class RowRandom:
-    """One pair of generators per row: (t, ε) and PDS's ε′ on separate streams, so every method
-    draws the same t and ε for a seed and a row never depends on its neighbours."""
-
-    def __init__(self, seeds: Sequence[int], device: torch.device):
-        self.device = device
-        self.main = [torch.Generator(device).manual_seed(2 * s) for s in seeds]
-        self.posterior = [torch.Generator(device).manual_seed(2 * s + 1) for s in seeds]
-
-    def timesteps(self, low: int, high: int) -> torch.Tensor:
-        return torch.cat([torch.randint(low, high, (1,), generator=g, device=self.device) for g in self.main])
-
-    def noise(self, shape: Sequence[int], posterior: bool = False) -> torch.Tensor:
-        generators = self.posterior if posterior else self.main
-        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=self.device) for g in generators])
-
-
-@dataclass
-class Prediction:
-    """Guidance-combined noise predictions at z_t and the CUT features of one iteration."""
-
-    eps_src: torch.Tensor
-    eps_trg: torch.Tensor
-    ref_feats: list[torch.Tensor] = field(default_factory=list)
-    trg_feats: list[torch.Tensor] = field(default_factory=list)
-
-
-@dataclass
-class RowSelection:
-    """A row's patch selection: one function per CUT layer, and the trainer of learning selectors."""
-
-    select: list[Select]
-    trainer: SelectorTrainer | None
 
 
 @dataclass
@@ -103,7 +52,7 @@ class EditState:
     emb: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     random: RowRandom
-    rows: list[RowSelection]
+    rounds: list[list[dict[str, float | None]]]  # per row, the terms' selector training rounds so far
     first_bad: torch.Tensor  # (B,) iteration at which a row's latent stopped being finite, 0 if never
 
 
@@ -113,8 +62,8 @@ class IterationStats:
 
     iteration: int
     t: torch.Tensor
-    score_norm: torch.Tensor
-    cut_per_layer: torch.Tensor | None
+    stats: dict[str, torch.Tensor]  # the terms' (B,) statistics, detached
+    rounds: dict[int, dict[str, float | None]]  # row → the selector round that followed this iteration
 
 
 @dataclass
@@ -138,17 +87,20 @@ class EditResult:
 
 
 class Editor:
-    """Runs DDS / PDS / CDS / CPDS edits with one SD stack (SPEC §2–3)."""
+    """Runs an edit whose objective is the sum of ``terms`` (DDS / PDS / CDS / CPDS, ...) with one SD
+    stack (SPEC §2–3). The terms are adopted here (``Term.bind``): one editor per set of terms."""
 
-    def __init__(self, stack: SDStack, settings: EditSettings, make_selector: Callable[..., PatchSelector],
+    def __init__(self, stack: SDStack, settings: EditSettings, terms: Mapping[str, Term],
                  make_optimizer: Callable[..., torch.optim.Optimizer],
+                 make_selector: Callable[..., PatchSelector] = RandomSelector,
                  selector_training: SelectorTraining | None = None):
         self.stack = stack
         self.settings = settings
-        self.make_selector = make_selector
+        self.terms = dict(terms)
         self.make_optimizer = make_optimizer
-        self.selector_training = selector_training or SelectorTraining()
-        self.capture = FeatureCapture(stack.unet, settings.cut_layers) if settings.use_cut else None
+        context = TermContext(stack.unet, make_selector, selector_training or SelectorTraining())
+        captures = [capture for capture in (term.bind(context) for term in self.terms.values()) if capture is not None]
+        self.capture = captures[0] if captures else None
         self.unet = self._accelerated(stack.unet)
 
     def _accelerated(self, unet: torch.nn.Module) -> torch.nn.Module:
@@ -179,10 +131,6 @@ class Editor:
         x = self.stack.vae.decode((latents / self.stack.latent_scale).to(self.stack.dtype)).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    @property
-    def layer_names(self) -> list[str]:
-        return self.capture.layers if self.capture else []
-
     # --- one iteration ----------------------------------------------------------------------
     def _unet(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         out = self.unet(z_t.to(self.stack.dtype), t, encoder_hidden_states=cond).sample
@@ -195,9 +143,9 @@ class Editor:
                 emb: dict[str, torch.Tensor]) -> Prediction:
         """Step 3: the four branches in as few UNet passes as the method allows.
 
-        Without CUT one no-grad pass takes all 4B branches. With CUT the 3B branches that need
+        Without a term that reads features one no-grad pass takes all 4B branches. With one the 3B branches that need
         no graph go in one no-grad pass (its (z_src, y_src) features are the references) and
-        the B target-conditional branches run with a graph so the CUT loss reaches z_trg.
+        the B target-conditional branches run with a graph so a feature loss (CUT) reaches z_trg.
         """
         batch = zt_src.shape[0]
         if self.capture is None:
@@ -216,83 +164,39 @@ class Editor:
         self.capture.clear()
         return Prediction(self._guided(e_su, e_sc), self._guided(e_tu, e_tc.detach()), ref_feats, trg_feats)
 
-    def score_gradient(self, state: EditState, noise: torch.Tensor, t: torch.Tensor,
-                       pred: Prediction) -> torch.Tensor:
-        """Step 4: g of DDS, or of PDS with a second noise ε′ shared by source and target."""
-        if self.settings.score == "dds":
-            g = dds_grad(pred.eps_src, pred.eps_trg)
-        else:
-            noise_prev = state.random.noise(state.z_src.shape, posterior=True)
-            g = pds_grad(state.z_src, state.z_trg.detach(), noise, noise_prev, pred.eps_src, pred.eps_trg, t, t - 1,
-                         self.stack.scheduler)
-        if self.settings.lambda_weighting:
-            g = g * pds_dds_ratio(t, t - 1, self.stack.scheduler).to(g).view(-1, 1, 1, 1)
-        return g
-
     def step(self, state: EditState, iteration: int) -> IterationStats:
         """One iteration, the six steps of SPEC §2."""
         s = self.settings
-        z_src, z_trg = state.z_src, state.z_trg
         # 1. a timestep per row and one noise shared by source and target
         t = state.random.timesteps(s.t_min, s.t_max)
-        noise = state.random.noise(z_src.shape)
+        noise = state.random.noise(state.z_src.shape)
         # 2. noise both latents with it
-        zt_src = add_noise(z_src, noise, t, self.stack.scheduler)
-        zt_trg = add_noise(z_trg, noise, t, self.stack.scheduler)
-        # 3. the UNet evaluations (and the CUT features)
+        zt_src = add_noise(state.z_src, noise, t, self.stack.scheduler)
+        zt_trg = add_noise(state.z_trg, noise, t, self.stack.scheduler)
+        # 3. the UNet evaluations (and the features a term reads)
         pred = self.predict(zt_src, zt_trg, t, state.emb)
-        # 4. the score-distillation gradient, applied as d/dz_trg of scale * w_dds * sum(z_trg * g)
-        g = self.score_gradient(state, noise, t, pred)
-        scale = score_scale(*z_trg.shape[-2:]) * s.w_dds * s.score_weight
-        loss = scale * (z_trg * g.detach()).sum()
-        # 5. the CUT term, through the UNet into z_trg
-        cut = None
-        if self.capture is not None:
-            cut = cut_losses(pred.ref_feats, pred.trg_feats, [row.select for row in state.rows], s.patch_sizes,
-                             s.n_patches, s.tau, observe=self._observer(state))
-            loss = loss + s.w_cut * s.cut_weight * cut.sum()
+        # 4.–5. the loss terms (score distillation, CUT) on what the iteration shares
+        shared = Step(state.z_src, state.z_trg, noise, t, pred, state.random, self.stack.scheduler)
+        outputs = [term(shared) for term in self.terms.values()]
+        loss = sum(value for out in outputs for value in out.losses.values())
         # 6. the optimiser step
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
-        for row in state.rows:
-            if row.trainer:
-                row.trainer.after_iteration(iteration)
-        finite = torch.isfinite(z_trg.detach()).flatten(1).all(dim=1)
+        rounds = {b: record for term in self.terms.values() for b, record in term.after_iteration(iteration).items()}
+        finite = torch.isfinite(state.z_trg.detach()).flatten(1).all(dim=1)
         state.first_bad = torch.where(~finite & (state.first_bad == 0), iteration, state.first_bad)
-        return IterationStats(iteration, t, scale * g.flatten(1).norm(dim=1), cut)
-
-    @staticmethod
-    def _observer(state: EditState):
-        """Hand each row's pooled features to that row's selector trainer (if any)."""
-        if not any(row.trainer for row in state.rows):
-            return None
-
-        def observe(layer: int, ref: torch.Tensor, trg: torch.Tensor) -> None:
-            for b, row in enumerate(state.rows):
-                row.trainer.observe(layer, ref[b: b + 1], trg[b: b + 1])
-
-        return observe
+        stats = {name: value.detach() for out in outputs for name, value in out.stats.items()}
+        return IterationStats(iteration, t, stats, rounds)
 
     # --- the loop ---------------------------------------------------------------------------
-    def row_selection(self, seed: int) -> RowSelection:
-        """A row's selectors (one per CUT layer, or one shared), wrapped by a trainer when they learn."""
-        if self.capture is None:
-            return RowSelection([], None)
-        if self.selector_training.per_layer:
-            selectors = [self.make_selector(seed=seed) for _ in self.layer_names]
-        else:
-            selectors = [self.make_selector(seed=seed)] * len(self.layer_names)
-        if not selectors[0].learns:
-            return RowSelection(list(selectors), None)
-        trainer = SelectorTrainer(selectors, self.selector_training, self.settings.iterations)
-        return RowSelection(trainer.select_functions(), trainer)
-
     def start(self, z_src: torch.Tensor, emb: dict[str, torch.Tensor], seeds: Sequence[int]) -> EditState:
         """The state of a fresh edit of latents ``z_src`` (B rows, one seed each)."""
+        for term in self.terms.values():
+            term.start(seeds, self.settings.iterations)
         z_trg = z_src.clone().requires_grad_(True)
         return EditState(z_src, z_trg, emb, self.make_optimizer(params=[z_trg], lr=self.settings.lr),
-                         RowRandom(seeds, z_src.device), [self.row_selection(seed) for seed in seeds],
+                         RowRandom(seeds, z_src.device), [[] for _ in seeds],
                          torch.zeros(z_src.shape[0], dtype=torch.long, device=z_src.device))
 
     def edit(self, images: torch.Tensor, source_prompts: Sequence[str], target_prompts: Sequence[str],
@@ -308,43 +212,42 @@ class Editor:
         pending: list[IterationStats] = []
         window_start = time.perf_counter()
         for it in tqdm(range(1, s.iterations + 1), desc="edit", disable=not s.progress, leave=False):
-            pending.append(self.step(state, it))
-            rounds_now = [b for b, row in enumerate(state.rows)
-                          if row.trainer and row.trainer.rounds and row.trainer.rounds[-1]["iteration"] == it]
+            stats = self.step(state, it)
+            pending.append(stats)
+            for b, record in stats.rounds.items():
+                state.rounds[b].append(record)
             snapshot_now = bool(s.snapshot_every) and it % s.snapshot_every == 0 and it != s.iterations
             # W&B wants steps in order: flush the buffered iterations before anything else at this step
-            if it % s.log_every == 0 or it == s.iterations or rounds_now or snapshot_now:
+            if it % s.log_every == 0 or it == s.iterations or stats.rounds or snapshot_now:
                 seconds = (time.perf_counter() - window_start) / len(pending)
                 final = self._flush(pending, seconds, callbacks)
                 pending, window_start = [], time.perf_counter()
                 if bool((state.first_bad > 0).all()):
                     break  # every row has diverged
-            for b in rounds_now:
+            for b, record in stats.rounds.items():
                 if callbacks.on_selector_round:
-                    callbacks.on_selector_round(b, state.rows[b].trainer.rounds[-1])
+                    callbacks.on_selector_round(b, record)
             if snapshot_now and callbacks.on_snapshot:
                 decoded = self.decode(state.z_trg.detach())
                 for b in range(batch):
                     if state.first_bad[b] == 0:  # a diverged row keeps its last good snapshot
                         callbacks.on_snapshot(b, it, decoded[b])
         diverged = [int(v) or None for v in state.first_bad.tolist()]
-        rounds = [row.trainer.rounds if row.trainer else [] for row in state.rows]
-        return EditResult(state.z_trg.detach(), final, rounds, diverged)
+        return EditResult(state.z_trg.detach(), final, state.rounds, diverged)
 
     def _flush(self, pending: list[IterationStats], seconds: float, callbacks: EditCallbacks) -> list[dict[str, float]]:
         """Bring the buffered statistics to the host in one transfer and log them per row."""
         t = torch.stack([p.t for p in pending]).cpu()
-        norms = torch.stack([p.score_norm for p in pending]).detach().cpu()
-        cuts = torch.stack([p.cut_per_layer.detach() for p in pending]).cpu() if self.capture else None
+        names = list(pending[0].stats)
+        values = torch.stack([torch.stack([p.stats[name] for p in pending]).double() for name in names]).cpu() \
+            if names else None
         rows = []
         for b in range(t.shape[1]):
             for i, stats in enumerate(pending):
-                values = {"iteration": stats.iteration, "t": int(t[i, b]), "score/grad_norm": float(norms[i, b]),
-                          "time/iteration_s": seconds}
-                if cuts is not None:
-                    values["cut/total"] = float(cuts[i, b].sum())
-                    values.update({f"cut/{name}": float(v) for name, v in zip(self.layer_names, cuts[i, b])})
+                logged = {ITERATION: stats.iteration, TIMESTEP: int(t[i, b]),
+                          **{name: float(values[k, i, b]) for k, name in enumerate(names)},
+                          ITERATION_TIME: seconds}
                 if callbacks.on_log:
-                    callbacks.on_log(b, values)
-            rows.append(values)
+                    callbacks.on_log(b, logged)
+            rows.append(logged)
         return rows

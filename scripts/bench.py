@@ -20,7 +20,11 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
+from cpds_exp.cli import CONFIG_DIR
+from cpds_exp.config import build_terms, has_cut
 from cpds_exp.editor import EditSettings, Editor
 from cpds_exp.models import SD_SCHEDULE, SDStack, build_tiny, resolve_device, resolve_dtype
 from cpds_exp.results import write_json, write_text
@@ -28,7 +32,6 @@ from cpds_exp.selector_training import SelectorTraining
 from cpds_exp.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
 
 SD14_UNET = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources" / "sd14_unet.json"
-METHODS = {"dds": ("dds", False), "pds": ("pds", False), "cds": ("dds", True), "cpds": ("pds", True)}
 SELECTORS = {"random": RandomSelector, "meta": MLPSelector, "knn": KNNSelector, "svm": SVMSelector,
              "rf": RandomForestSelector}
 
@@ -74,15 +77,19 @@ def forward_seconds(unet, batch: int, latent: int, device, dtype, repeats: int, 
     return timed(forward, repeats, device)
 
 
-def bench_step(unet, method: str, selector: str, batch: int, latent: int, device, dtype, args) -> dict:
-    score, use_cut = METHODS[method]
+def method_config(method: str) -> DictConfig:
+    """The config of ``run.py method=<method>`` (the same terms and lr as a run), other keys at their defaults."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"method={method}"])
+
+
+def bench_step(unet, cfg: DictConfig, selector: str, batch: int, latent: int, device, dtype, args) -> dict:
     stack = SDStack(unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=DDPMScheduler(**SD_SCHEDULE),
                     device=device, dtype=dtype, resolution=latent * 8)
-    settings = EditSettings(score=score, use_cut=use_cut, lr=0.8 if score == "pds" else 0.1, progress=False,
-                            compile=args.compile, compile_mode=args.compile_mode, channels_last=args.channels_last,
-                            gradient_checkpointing=args.gradient_checkpointing)
-    editor = Editor(stack, settings, functools.partial(SELECTORS[selector]), functools.partial(torch.optim.SGD),
-                    SelectorTraining(train_every=10))
+    settings = EditSettings(lr=cfg.method.lr, progress=False, compile=args.compile, compile_mode=args.compile_mode,
+                            channels_last=args.channels_last, gradient_checkpointing=args.gradient_checkpointing)
+    editor = Editor(stack, settings, build_terms(cfg), functools.partial(torch.optim.SGD),
+                    functools.partial(SELECTORS[selector]), SelectorTraining(train_every=10))
     z = torch.randn(batch, 4, latent, latent, device=device)
     emb = {k: torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
            for k in ("uncond", "src", "trg")}
@@ -124,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         forward = forward_seconds(unet, batch, latent, device, dtype, args.iterations, args.warmup)
         for method in args.methods.split(","):
-            selectors = args.selectors.split(",") if METHODS[method][1] else ["-"]
+            cfg = method_config(method)
+            selectors = args.selectors.split(",") if has_cut(cfg.method) else ["-"]
             for selector in selectors:
-                result = bench_step(unet, method, selector if selector != "-" else "random", batch, latent, device,
+                result = bench_step(unet, cfg, selector if selector != "-" else "random", batch, latent, device,
                                     dtype, args)
                 per_image = result["seconds"] / batch
                 rows.append({

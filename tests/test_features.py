@@ -37,7 +37,7 @@ def test_capturing_processor_matches_diffusers_attention(tiny_stack):
 
 
 def test_one_pass_features_equal_a_separate_forward(tiny_stack):
-    editor = make_editor(tiny_stack, score="dds", use_cut=True)
+    editor = make_editor(tiny_stack, "cds")
     z_trg, zt_src, zt_trg, t, emb = branch_inputs(editor)
     pred = editor.predict(zt_src, zt_trg, t, emb)
     # a plain forward over all four branches, as the published code's first pass
@@ -61,7 +61,7 @@ def test_one_pass_features_equal_a_separate_forward(tiny_stack):
 def test_cut_gradient_reaches_the_latent_and_matches_finite_differences(tiny_stack):
     z_trg, zt_src, _, t, emb = branch_inputs(make_editor(tiny_stack))
     stack64 = dataclasses.replace(tiny_stack, unet=copy.deepcopy(tiny_stack.unet).double(), dtype=torch.float64)
-    editor = make_editor(stack64, score="dds", use_cut=True)
+    editor = make_editor(stack64, "cds")
     emb = {k: v.double() for k, v in emb.items()}
     z_trg = z_trg.detach().double().requires_grad_(True)
     zt_src, noise = zt_src.double(), torch.randn(z_trg.shape, dtype=torch.float64)
@@ -89,7 +89,7 @@ def test_no_unet_parameter_requires_grad(tiny_stack):
 
 def test_cut_layers_chosen_by_pattern(tiny_stack):
     editor = make_editor(tiny_stack, cut_layers=("up_blocks.2.*attn1",))
-    assert editor.layer_names == ["up_blocks.2.attentions.0.transformer_blocks.0.attn1",
+    assert editor.terms["cut"].layer_names == ["up_blocks.2.attentions.0.transformer_blocks.0.attn1",
                                   "up_blocks.2.attentions.1.transformer_blocks.0.attn1"]
     with pytest.raises(CpdsError, match="matches no attention layer"):
         make_editor(tiny_stack, cut_layers=("down_blocks.9.*",))

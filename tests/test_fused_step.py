@@ -17,7 +17,7 @@ def plain_edit(stack, image, source, target, score, use_cut, iterations, lr, see
     """SPEC §2 as the published code does it, one call per branch."""
     unet = copy.deepcopy(stack.unet)
     capture = FeatureCapture(unet)
-    helper = make_editor(stack, use_cut=False)
+    helper = make_editor(stack, "dds")
     emb = {k: helper.encode_prompts([p]) for k, p in (("uncond", ""), ("src", source), ("trg", target))}
     z_src = helper.encode_images(image)
     z_trg = z_src.clone().requires_grad_(True)
@@ -58,7 +58,8 @@ def plain_edit(stack, image, source, target, score, use_cut, iterations, lr, see
 def test_fused_step_equals_plain_step(tiny_stack, score, use_cut):
     image = make_image(5)
     plain, start = plain_edit(tiny_stack, image, "a cat", "a dog", score, use_cut, 4, 0.5, 21, 8)
-    editor = make_editor(tiny_stack, score=score, use_cut=use_cut, iterations=4, lr=0.5, n_patches=8)
+    method = {("dds", False): "dds", ("pds", False): "pds", ("dds", True): "cds", ("pds", True): "cpds"}[score, use_cut]
+    editor = make_editor(tiny_stack, method, iterations=4, lr=0.5, n_patches=8)
     fused = editor.edit(image, ["a cat"], ["a dog"], seeds=[21]).latents
     moved = (plain - start).abs().max()
     assert moved > 0.05

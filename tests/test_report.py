@@ -1,5 +1,4 @@
 """The report tool: statistics by hand, the paper's numbers, W&B tables, the dashboard."""
-import json
 import math
 import runpy
 import sys

@@ -48,11 +48,12 @@ def test_sharded_sweep_edits_everything_once_and_merges(tmp_path, launcher):
 
 
 def test_run_name_shows_method_selector_task_and_shard():
-    cfg = OmegaConf.create({"method": {"name": "cpds", "cut": True}, "selector": {"name": "meta"},
+    cfg = OmegaConf.create({"method": {"name": "cpds", "terms": {"score": {}, "cut": {}}}, "selector": {"name": "meta"},
                             "num_shards": 8, "shard": 3})
     item = EditItem("cat7", "a cat", "a pig", task="cat2pig")
     assert run_name(cfg, item) == "cpds-meta-cat2pig-shard3of8-cat7"
-    cfg.num_shards, cfg.method.cut = 1, False
+    cfg.num_shards = 1
+    del cfg.method.terms["cut"]
     assert run_name(cfg, item) == "cpds-cat2pig-cat7"
 
 

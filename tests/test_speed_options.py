@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 from helpers import make_editor, make_image
 
-SETTINGS = dict(score="pds", use_cut=True, iterations=3, lr=0.5, n_patches=8)
+SETTINGS = dict(method="cpds", iterations=3, lr=0.5, n_patches=8)
 
 
 def edit(stack, **options):
