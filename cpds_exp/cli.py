@@ -25,12 +25,14 @@ from omegaconf.errors import OmegaConfBaseException
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import check_folder_name, job_folder
 from cpds_exp.parent_watch import end_with_parent
+from cpds_exp.schema import register_configs
 
 log = logging.getLogger("cpds_exp")
 
 # `${folder_name:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
 OmegaConf.register_new_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
     default if value is None else value, key), replace=True)
+register_configs()
 OmegaConf.register_new_resolver("job_folder", lambda overrides: job_folder(list(overrides)), replace=True)
 
 FAILED_MARKER = "FAILED"
@@ -76,6 +78,9 @@ def config_error(err: Exception) -> str:
         options = [line for line in lines[start + 1:] if "=" not in line and not line.endswith(":")]
         return f"invalid config: {lines[0]}; available: {', '.join(options)}"
     details = [line for line in lines[1:] if line.startswith(("Key ", "To append"))]
+    cause = str(err.__cause__ or "").strip().splitlines()
+    if cause and cause[0] not in lines:  # the schema's reason: wrong type, unknown key, bad enum value
+        details.insert(0, cause[0].rstrip("."))
     return "; ".join([f"invalid config: {lines[0].rstrip('.')}", *details])
 
 

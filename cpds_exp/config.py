@@ -1,15 +1,10 @@
-"""The typed schema of the Hydra config, and its translation into :class:`EditSettings` and loss terms.
-
-The YAML in ``conf/`` is merged onto these dataclasses, so a misspelt key or a value of the
-wrong type fails with one line instead of surfacing deep inside the loop.
-"""
+"""A composed config checked (ranges, one line each) and translated into :class:`EditSettings`,
+loss terms and selector options. The schema itself is :mod:`cpds_exp.schema`."""
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from enum import Enum
-from typing import Any, Optional
+from dataclasses import fields
 
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -17,90 +12,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cpds_exp.editor import EditSettings
 from cpds_exp.errors import CpdsError
-from cpds_exp.metrics import MetricsConfig
 from cpds_exp.naming import check_folder_name
-from cpds_exp.selector_training import SelectorTraining
+from cpds_exp.schema import AppConfig, SelectorTraining
 from cpds_exp.terms import Term
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
-
-
-class ImagePrep(str, Enum):
-    resize = "resize"
-    center_crop = "center_crop"
-
-
-@dataclass
-class MethodConfig:
-    """A method = its loss terms (``_target_`` a :class:`Term` dataclass, with its options) and its
-    published learning rate. By convention the score term is ``score`` and the CUT term ``cut``."""
-
-    name: str
-    lr: float
-    terms: dict[str, Any]
-
-
-@dataclass
-class TaskConfig:
-    """A named prompt pair for datasets that take their prompts from the task (cats, folder)."""
-
-    name: str
-    source_prompt: str
-    target_prompt: str
-
-
-@dataclass
-class ModelConfig:
-    """``pretrained``: a hub id or a local diffusers folder; null builds the tiny offline stack."""
-
-    name: str
-    pretrained: Optional[str]
-    resolution: int
-    revision: Optional[str] = None
-    seed: int = 0
-
-
-@dataclass
-class AppConfig:
-    method: MethodConfig
-    model: ModelConfig
-    selector: Any
-    optimizer: Any
-    dataset: Any
-    logger: Any
-    task: TaskConfig
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    sweep_name: Optional[str] = None
-    num_shards: int = 1
-    shard: int = 0
-    force: bool = False
-    claim_timeout_h: Optional[float] = 24.0
-    seed: int = 0
-    lr: Optional[float] = None
-    iterations: int = 200
-    guidance_scale: float = 7.5
-    w_dds: float = 1.0
-    w_cut: float = 3.0
-    n_patches: int = 256
-    patch_sizes: list[int] = field(default_factory=lambda: [1, 2])
-    tau: float = 0.07
-    t_min: int = 50
-    t_max: int = 950
-    cut_layers: list[str] = field(default_factory=lambda: ["up_blocks.*.attn1"])
-    resolution: int = 512
-    image_prep: ImagePrep = ImagePrep.resize
-    device: str = "auto"
-    dtype: str = "auto"
-    snapshot_every: int = 50
-    log_every: int = 10
-    progress: bool = True
-    batch_size: int = 1
-    compile: bool = False
-    compile_mode: Optional[str] = None
-    compile_backend: str = "inductor"
-    channels_last: bool = False
-    gradient_checkpointing: bool = False
-    profile: bool = False
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -14,42 +14,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
+from cpds_exp.schema import MetricsConfig
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("corrected", "published")
 PUBLISHED_SIZE = 224  # evaluate.py: transforms.Resize((224, 224)) before both metrics
-
-
-@dataclass(unsafe_hash=True)  # hashable: it keys the per-process cache of metric models
-class MetricsConfig:
-    """Which metric models to use; ``enabled: false`` skips metrics altogether.
-
-    ``clip_model``/``clip_pretrained`` (open_clip) and ``lpips_size`` serve the corrected protocol,
-    ``hf_clip_model`` (transformers) the published one, which is fixed at 224×224; ``tiny`` builds
-    either CLIP with random weights.
-    """
-
-    enabled: bool = True
-    protocol: str = "corrected"
-    clip_model: str = "ViT-B-16-quickgelu"
-    clip_pretrained: str | None = "openai"
-    hf_clip_model: str = "openai/clip-vit-base-patch16"
-    lpips_net: str = "squeeze"
-    lpips_pretrained: bool = True
-    lpips_size: int = 224
-
-    def __post_init__(self):
-        if self.protocol not in PROTOCOLS:
-            raise CpdsError(f"metrics.protocol={self.protocol!r}: use corrected (CLIP as OpenAI trained it, "
-                            "LPIPS on [-1, 1]) or published (what the published evaluate.py computed)")
 
 
 def _unavailable(what: str, err: Exception) -> CpdsError:

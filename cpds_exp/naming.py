@@ -10,13 +10,7 @@ import re
 import unicodedata
 
 from cpds_exp.errors import CpdsError
-
-#: Config keys that do not change an edit's result: a finished edit is reused across them, and
-#: they do not enter the resume fingerprint or a sweep's job folder names. Dotted keys name a
-#: field of a group.
-NON_SEMANTIC_KEYS = ("progress", "logger", "force", "log_every", "snapshot_every", "sweep_name", "device",
-                     "batch_size", "num_shards", "shard", "compile", "compile_mode", "compile_backend",
-                     "channels_last", "gradient_checkpointing", "claim_timeout_h", "profile", "dataset.limit")
+from cpds_exp.schema import NON_SEMANTIC_KEYS
 
 #: Overrides that pick what runs, not how (``+experiment=table1``): not part of job folder names.
 NOT_IN_JOB_FOLDER = ("experiment",)

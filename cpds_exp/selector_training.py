@@ -9,40 +9,13 @@ used from iteration 2), never the last one, and one threshold labels a selector'
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from enum import Enum
 from typing import Sequence
 
 import torch
 
 from cpds_exp.cut import Select
+from cpds_exp.schema import Positive, SelectorTraining, ThresholdScope
 from cpds_exp.selectors import PatchSelector, pad_features
-
-
-class Positive(str, Enum):
-    """Which positions are the positive class: the paper's text (similar) or the published code (dissimilar)."""
-
-    similar = "similar"
-    dissimilar = "dissimilar"
-
-
-class ThresholdScope(str, Enum):
-    """Which distances share a label threshold: all that a selector trains on in a round (the
-    published code) or each observation's own (one image, layer and patch size at one iteration)."""
-
-    round = "round"
-    observation = "observation"
-
-
-@dataclass
-class SelectorTraining:
-    """How learning selectors are trained; ignored by selectors that do not learn."""
-
-    train_every: int = 10
-    positive: Positive = Positive.similar
-    percentile: float = 80.0
-    per_layer: bool = False
-    threshold_scope: ThresholdScope = ThresholdScope.round
 
 
 def distance_threshold(distances: torch.Tensor, percentile: float) -> torch.Tensor:

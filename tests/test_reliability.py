@@ -178,10 +178,12 @@ def test_non_finite_weights_are_refused_before_any_model_loads(compose_config, t
 
 
 @pytest.mark.parametrize("override, message", [
-    ("lrr=3", "error: invalid config: Could not override 'lrr'; To append to your config use +lrr=3"),
+    ("lrr=3", "error: invalid config: Could not override 'lrr'; Key 'lrr' not in 'AppConfig'; To append to your "
+              "config use +lrr=3"),
     ("method=foo", "error: invalid config: In 'config': Could not find 'method/foo'; available: cds, cds_matched, "
                    "cpds, dds, pds"),
-    ("iterations=abc", "error: invalid config: Value 'abc' of type 'str' could not be converted to Integer")])
+    ("iterations=abc", "error: invalid config: Error merging override iterations=abc; Value 'abc' of type 'str' "
+                       "could not be converted to Integer")])
 def test_a_misspelt_key_or_option_is_one_line(tmp_path, override, message):
     proc = run_py(*TINY, override, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message
