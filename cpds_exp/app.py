@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from cpds_exp.config import build_terms, edit_settings, has_cut, selector_options, selector_training, validate
 from cpds_exp.claims import claimed_batches
 from cpds_exp.data import EditItem, prepare_image, to_pil, unique_names
-from cpds_exp.editor import EditCallbacks, Editor
+from cpds_exp.editing.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger
-from cpds_exp.metrics import Metrics, MetricsConfig, load_metrics
+from cpds_exp.evaluation.metrics import Metrics, MetricsConfig, load_metrics
 from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
-from cpds_exp.selector_training import summarise_rounds
+from cpds_exp.editing.selector_training import summarise_rounds
 from cpds_exp.naming import NON_SEMANTIC_KEYS
 from cpds_exp.records import FINAL, ITERATION, METRIC, SELECTOR_MEAN, SELECTOR_ROUND, EditRecord, load_record
 from cpds_exp.results import save_image, side_by_side, write_atomically, write_text

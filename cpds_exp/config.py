@@ -10,11 +10,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cpds_exp.editor import EditSettings
+from cpds_exp.editing.editor import EditSettings
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import check_folder_name
 from cpds_exp.schema import AppConfig, SelectorTraining
-from cpds_exp.terms import Term
+from cpds_exp.editing.terms import Term
 
 FLOAT32_MAX = 3.4e38  # a larger lr cannot even be applied to a float32 latent
 
@@ -90,10 +90,10 @@ def build_term(key: str, node: DictConfig) -> Term:
         cls = get_class(target) if target else None
     except Exception as err:  # hydra wraps import errors of every kind
         raise CpdsError(f"method.terms.{key}._target_={target} cannot be imported: give a class's full "
-                        "module path, e.g. cpds_exp.terms.DDSTerm") from err
+                        "module path, e.g. cpds_exp.editing.terms.DDSTerm") from err
     if not (isinstance(cls, type) and issubclass(cls, Term) and dataclasses.is_dataclass(cls)):
         raise CpdsError(f"method.terms.{key}._target_={target} is not a dataclass subclass of "
-                        "cpds_exp.terms.Term: point it at a loss term class")
+                        "cpds_exp.editing.terms.Term: point it at a loss term class")
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), params))
     except OmegaConfBaseException as err:
@@ -104,7 +104,7 @@ def build_terms(cfg: DictConfig) -> dict[str, Term]:
     """The method's loss terms, each checked against the run's settings (before any model loads)."""
     if not cfg.method.terms:
         raise CpdsError(f"method {cfg.method.name} has no terms: add one under method.terms, "
-                        "e.g. score: {_target_: cpds_exp.terms.DDSTerm}")
+                        "e.g. score: {_target_: cpds_exp.editing.terms.DDSTerm}")
     terms = {key: build_term(key, node) for key, node in cfg.method.terms.items()}
     for term in terms.values():
         term.check(cfg.t_min)

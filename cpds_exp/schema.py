@@ -115,7 +115,7 @@ class ModelConfig:
 # --- selectors: every option of the selector group has a schema, all with the training options --
 @dataclass
 class SelectorConfig(SelectorTraining):
-    """A patch selector: its class and options (cpds_exp.selectors), plus how learning selectors are
+    """A patch selector: its class and options (cpds_exp.editing.selectors), plus how learning selectors are
     trained (ignored by those that do not learn; present in all so a sweep over selectors can set them)."""
 
     name: str = MISSING
@@ -127,7 +127,7 @@ class RandomSelectorConfig(SelectorConfig):
     """The published default: n positions uniformly at random (SPEC §4)."""
 
     name: str = "random"
-    _target_: str = "cpds_exp.selectors.RandomSelector"
+    _target_: str = "cpds_exp.editing.selectors.RandomSelector"
 
 
 @dataclass
@@ -135,7 +135,7 @@ class MLPSelectorConfig(SelectorConfig):
     """The paper's meta-learner: widest feature width → hidden sizes → 1, BCE, Adam."""
 
     name: str = "meta"
-    _target_: str = "cpds_exp.selectors.MLPSelector"
+    _target_: str = "cpds_exp.editing.selectors.MLPSelector"
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 32])
     lr: float = 1e-3
     epochs: int = 1
@@ -148,7 +148,7 @@ class KNNSelectorConfig(SelectorConfig):
     """k-nearest neighbours on standardised features (scikit-learn), k = 5 as in the paper."""
 
     name: str = "knn"
-    _target_: str = "cpds_exp.selectors.KNNSelector"
+    _target_: str = "cpds_exp.editing.selectors.KNNSelector"
     n_neighbors: int = 5
     weights: str = "uniform"
     max_train_samples: Optional[int] = 4096   # a seeded random subset of a round's positions
@@ -159,7 +159,7 @@ class SVMSelectorConfig(SelectorConfig):
     """An RBF support-vector machine with probability outputs (left out of the paper's Table 2)."""
 
     name: str = "svm"
-    _target_: str = "cpds_exp.selectors.SVMSelector"
+    _target_: str = "cpds_exp.editing.selectors.SVMSelector"
     C: float = 1.0
     kernel: str = "rbf"
     gamma: Any = "scale"
@@ -171,7 +171,7 @@ class RFSelectorConfig(SelectorConfig):
     """A random forest (scikit-learn), 100 trees."""
 
     name: str = "rf"
-    _target_: str = "cpds_exp.selectors.RandomForestSelector"
+    _target_: str = "cpds_exp.editing.selectors.RandomForestSelector"
     n_estimators: int = 100
     max_depth: Optional[int] = None
     n_jobs: Optional[int] = None

@@ -25,11 +25,11 @@ from omegaconf import DictConfig
 
 from cpds_exp.cli import CONFIG_DIR
 from cpds_exp.config import build_terms, has_cut
-from cpds_exp.editor import EditSettings, Editor
+from cpds_exp.editing.editor import EditSettings, Editor
 from cpds_exp.models import SD_SCHEDULE, SDStack, build_tiny, resolve_device, resolve_dtype
 from cpds_exp.results import write_json, write_text
-from cpds_exp.selector_training import SelectorTraining
-from cpds_exp.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
+from cpds_exp.editing.selector_training import SelectorTraining
+from cpds_exp.editing.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
 
 SD14_UNET = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources" / "sd14_unet.json"
 SELECTORS = {"random": RandomSelector, "meta": MLPSelector, "knn": KNNSelector, "svm": SVMSelector,

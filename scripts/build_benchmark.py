@@ -4,7 +4,7 @@
         --query "a photo of a cat" --top 250 --out data/cats
     python run.py dataset=manifest dataset.path=data/cats/manifest.csv ...
 
-See cpds_exp/benchmark.py for the rules and the img2dataset command that downloads a subset.
+See cpds_exp/tools/laion_benchmark.py for the rules and the img2dataset command that downloads a subset.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cpds_exp.benchmark import ClipEmbedder, Rules, build_benchmark
+from cpds_exp.tools.laion_benchmark import ClipEmbedder, Rules, build_benchmark
 from cpds_exp.errors import CpdsError
 
 

@@ -4,7 +4,7 @@
         --out outputs/extraction [--wandb]
     python scripts/extraction_scores.py --captions captions.txt --model tiny --out /tmp/x   # offline smoke run
 
-Writes scores.csv, scores.md and top_grid.png; see cpds_exp/extraction.py for the definitions.
+Writes scores.csv, scores.md and top_grid.png; see cpds_exp/tools/extraction.py for the definitions.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.extraction import (SCORES, ExtractionSettings, log_wandb, read_captions, score_captions, top_grid,
+from cpds_exp.tools.extraction import (SCORES, ExtractionSettings, log_wandb, read_captions, score_captions, top_grid,
                                  write_extraction)
 
 MODELS = {"tiny": None, "sd14": "CompVis/stable-diffusion-v1-4"}

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cpds_exp.loggers import has_wandb_credentials
-from cpds_exp.report import build_report
+from cpds_exp.evaluation.report import build_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +41,14 @@ def main(argv: list[str] | None = None) -> int:
               *report["unreadable"], sep="\n  ", file=sys.stderr)
     sweep_name = next((r["sweep_name"] for r in report["records"] if r.get("sweep_name")), args.sweep_dir.name)
     if args.wandb:
-        from cpds_exp.wandb_report import log_report
+        from cpds_exp.evaluation.wandb_report import log_report
 
         print(f"W&B run {log_report(report, sweep_name, args.project, args.entity, args.mode, str(report['out']))}")
     if args.dashboard:
         if not has_wandb_credentials():
             print("error: --dashboard needs W&B credentials: run `wandb login` first", file=sys.stderr)
             return 2
-        from cpds_exp.wandb_report import build_dashboard
+        from cpds_exp.evaluation.wandb_report import build_dashboard
 
         dashboard = build_dashboard(sweep_name, args.project, args.entity or "", by=report["rows"])
         dashboard.save()

@@ -8,9 +8,9 @@ from hydra import compose, initialize_config_dir
 
 from cpds_exp.cli import CONFIG_DIR
 from cpds_exp.config import build_terms
-from cpds_exp.editor import EditSettings, Editor
-from cpds_exp.selectors import RandomSelector
-from cpds_exp.terms import Term
+from cpds_exp.editing.editor import EditSettings, Editor
+from cpds_exp.editing.selectors import RandomSelector
+from cpds_exp.editing.terms import Term
 
 #: Top-level knobs that reach the loss terms through conf/term/*.yaml.
 TERM_KNOBS = ("w_dds", "w_cut", "n_patches", "patch_sizes", "tau", "cut_layers")

@@ -62,11 +62,11 @@ def test_single_image_dataset(compose_config, tmp_path, photo):
     (("lr=fast",), "invalid config"),
     (("method.terms.score.weight=heavy",), "invalid method.terms.score option"),
     (("+method.terms.cut.colour=red",), "invalid method.terms.cut option"),
-    (("method.terms.score._target_=cpds_exp.terms.Nowhere",), "cannot be imported"),
+    (("method.terms.score._target_=cpds_exp.editing.terms.Nowhere",), "cannot be imported"),
     (("resolution=100",), "multiple of 64"),
     (("image_prep=stretch",), "invalid config"),
     (("t_min=900", "t_max=100"), "t_min=900"),
-    (("+selector.temperature=2",), "cannot build cpds_exp.selectors.RandomSelector"),
+    (("+selector.temperature=2",), "cannot build cpds_exp.editing.selectors.RandomSelector"),
     (("cut_layers=[mid_block.nothing]",), "matches no attention layer"),
     (("patch_sizes=[16]",), "patch size 16 is larger than a CUT layer's 4x4 grid"),
     (("logger=wandb", "logger.mode=sometimes"), "logger.mode='sometimes' is unknown"),
@@ -135,7 +135,7 @@ def test_dissimilar_labels_and_per_layer_selectors(compose_config, tmp_path):
     (("selector=meta", "selector.positive=maybe"), "Invalid value 'maybe', expected one of [similar, dissimilar]"),
     (("selector=knn", "selector.train_every=0"), "selector.train_every=0"),
     (("selector=svm", "selector.kernel=curvy"), "bad selector option for SVC"),
-    (("selector=meta", "+selector.dropout=0.5"), "cannot build cpds_exp.selectors.MLPSelector"),
+    (("selector=meta", "+selector.dropout=0.5"), "cannot build cpds_exp.editing.selectors.MLPSelector"),
 ])
 def test_bad_selector_options_are_one_line(compose_config, tmp_path, overrides, message):
     line = refusal(compose_config, tmp_path, "method=cds", *overrides)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from cpds_exp.benchmark import ClipEmbedder, Rules, build_benchmark, dedup, load_candidates, select
+from cpds_exp.tools.laion_benchmark import ClipEmbedder, Rules, build_benchmark, dedup, load_candidates, select
 from cpds_exp.data import folder, manifest
 from cpds_exp.errors import CpdsError
 

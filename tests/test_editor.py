@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cpds_exp.editor import EditCallbacks
+from cpds_exp.editing.editor import EditCallbacks
 from helpers import make_editor, make_image
 
 
@@ -56,7 +56,7 @@ def test_divergence_names_the_iteration(tiny_stack):
 @pytest.mark.parametrize("method,selector", [("cpds", "random"), ("cds", "meta"), ("dds", "random")])
 def test_batched_edit_equals_the_edits_one_by_one(tiny_stack, method, selector):
     """Each row of a batch has its own timesteps, noises, selectors and losses."""
-    from cpds_exp.selector_training import SelectorTraining
+    from cpds_exp.editing.selector_training import SelectorTraining
 
     settings = dict(method=method, iterations=4, lr=0.5, n_patches=8)
     images = torch.cat([make_image(0), make_image(1), make_image(2)])
@@ -65,7 +65,7 @@ def test_batched_edit_equals_the_edits_one_by_one(tiny_stack, method, selector):
 
     def editor():
         if selector == "meta":
-            from cpds_exp.selectors import MLPSelector
+            from cpds_exp.editing.selectors import MLPSelector
 
             return make_editor(tiny_stack, make_selector=lambda seed: MLPSelector(seed=seed),
                                selector_training=training, **settings)

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from cpds_exp.report import build_report
+from cpds_exp.evaluation.report import build_report
 from test_cli import read_until, run_py, start_run_py
 from test_datasets import make_photos
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from wandb_offline import finished_run_file, read_run
 from cpds_exp.errors import CpdsError
-from cpds_exp.extraction import (ExtractionSettings, dcs, ecs, edge_maps, noises, one_step, read_captions,
+from cpds_exp.tools.extraction import (ExtractionSettings, dcs, ecs, edge_maps, noises, one_step, read_captions,
                                  score_captions, sobel_magnitude)
 
 

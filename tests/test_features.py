@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from cpds_exp.cut import cut_loss
 from cpds_exp.errors import CpdsError
-from cpds_exp.features import FeatureCapture
+from cpds_exp.editing.features import FeatureCapture
 from cpds_exp.scores import add_noise
 from helpers import make_editor, make_image
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cpds_exp.cut import cut_loss
-from cpds_exp.editor import RowRandom
-from cpds_exp.features import FeatureCapture
+from cpds_exp.editing.editor import RowRandom
+from cpds_exp.editing.features import FeatureCapture
 from cpds_exp.scores import add_noise, dds_grad, pds_grad, score_scale
-from cpds_exp.selectors import RandomSelector
+from cpds_exp.editing.selectors import RandomSelector
 from helpers import make_editor, make_image
 
 

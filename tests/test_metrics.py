@@ -11,7 +11,7 @@ from torch import nn
 
 from cpds_exp.config import validate
 from cpds_exp.errors import CpdsError
-from cpds_exp.metrics import (
+from cpds_exp.evaluation.metrics import (
     ClipScore,
     Lpips,
     MetricsConfig,

@@ -11,8 +11,8 @@ import torch
 
 from conftest import REPO
 from cpds_exp.scores import dds_grad, score_scale
-from cpds_exp.step import Step
-from cpds_exp.terms import ScoreTerm, TermOutput
+from cpds_exp.editing.step import Step
+from cpds_exp.editing.terms import ScoreTerm, TermOutput
 from test_cli import child_env
 
 METHOD_YAML = """\

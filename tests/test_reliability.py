@@ -16,7 +16,7 @@ from cpds_exp.claims import try_claim, wait_for_claim
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import job_folder
 from cpds_exp.records import EditRecord
-from cpds_exp.report import build_report
+from cpds_exp.evaluation.report import build_report
 from test_cli import child_env, read_until, run_py, start_run_py
 from test_datasets import FAST, make_bomb, make_photos
 

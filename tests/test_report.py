@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from cpds_exp.records import EditRecord
-from cpds_exp.report import attach_paper, build_report, infer_rows, mean_and_sem, summarise, to_markdown
-from cpds_exp.wandb_report import build_dashboard, log_report
+from cpds_exp.evaluation.report import attach_paper, build_report, infer_rows, mean_and_sem, summarise, to_markdown
+from cpds_exp.evaluation.wandb_report import build_dashboard, log_report
 from wandb_offline import finished_run_file, read_run
 
 
@@ -41,7 +41,7 @@ def test_summarise_groups_cells_and_ignores_unfinished(tmp_path):
     write_records(tmp_path, rows)
     EditRecord(**{**FAKE, "fingerprint": "x", "status": "skipped", "method": "cds", "task": "cat2dog",
                   "image": "c"}).save(tmp_path / "job0/edits/skipped")
-    from cpds_exp.report import load_records
+    from cpds_exp.evaluation.report import load_records
 
     records = load_records(tmp_path)
     assert len(records) == 4 and infer_rows(records) == "method"

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from cpds_exp.app import job_device, run_name
 from cpds_exp.data import EditItem
-from cpds_exp.report import build_report, load_records
+from cpds_exp.evaluation.report import build_report, load_records
 from test_cli import run_py
 from test_datasets import make_photos
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.selector_training import (Positive, SelectorTrainer, SelectorTraining, ThresholdScope,
+from cpds_exp.editing.selector_training import (Positive, SelectorTrainer, SelectorTraining, ThresholdScope,
                                         classification_metrics, distance_threshold, label_positions, summarise_rounds)
-from cpds_exp.selectors import (KNNSelector, MLPSelector, PatchSelector, RandomForestSelector, RandomSelector,
+from cpds_exp.editing.selectors import (KNNSelector, MLPSelector, PatchSelector, RandomForestSelector, RandomSelector,
                                 SVMSelector, pad_features)
 
 LEARNERS = {
@@ -73,7 +73,7 @@ def test_selection_is_deterministic_under_a_seed(name):
 
 def test_unfitted_learner_chooses_at_random_and_says_so_once(caplog):
     selector = MLPSelector(seed=0)
-    with caplog.at_level(logging.INFO, logger="cpds_exp.selectors"):
+    with caplog.at_level(logging.INFO, logger="cpds_exp.editing.selectors"):
         a = selector.select(torch.randn(50, 8), 10)
         selector.select(torch.randn(50, 8), 10)
     assert len(a) == 10 and not selector.fitted

@@ -2,7 +2,7 @@
 
 A term is a dataclass whose fields are its typed options (``conf/term/*.yaml`` sets them from the
 top-level knobs). The editor evaluates the UNet once per iteration and calls every term with the
-shared :class:`~cpds_exp.step.Step`; a term answers with named losses (summed and backpropagated)
+shared :class:`~cpds_exp.editing.step.Step`; a term answers with named losses (summed and backpropagated)
 and per-row statistics (logged under their names), as threestudio's guidance modules do.
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Callable, ClassVar, Sequence
 import torch
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.features import FeatureCapture
+from cpds_exp.editing.features import FeatureCapture
 from cpds_exp.scores import dds_grad, pds_dds_ratio, pds_grad, score_scale
-from cpds_exp.selector_training import SelectorTraining
-from cpds_exp.selectors import PatchSelector, RandomSelector
-from cpds_exp.step import Step
+from cpds_exp.editing.selector_training import SelectorTraining
+from cpds_exp.editing.selectors import PatchSelector, RandomSelector
+from cpds_exp.editing.step import Step
 from cpds_exp.records import SCORE_GRAD_NORM
 
 

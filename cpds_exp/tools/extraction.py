@@ -38,7 +38,7 @@ from PIL import Image
 from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
 from cpds_exp.models import SDStack
-from cpds_exp.report import labelled_grid
+from cpds_exp.evaluation.report import labelled_grid
 from cpds_exp.results import csv_text, save_image, write_text
 
 SCORES = ("dcs", "ecs")

@@ -11,10 +11,10 @@ from typing import ClassVar, Sequence
 import torch
 
 from cpds_exp.cut import TAU, Select, cut_losses
-from cpds_exp.features import DEFAULT_CUT_LAYERS, FeatureCapture
-from cpds_exp.selector_training import SelectorTrainer
-from cpds_exp.step import Step
-from cpds_exp.terms import Term, TermContext, TermOutput
+from cpds_exp.editing.features import DEFAULT_CUT_LAYERS, FeatureCapture
+from cpds_exp.editing.selector_training import SelectorTrainer
+from cpds_exp.editing.step import Step
+from cpds_exp.editing.terms import Term, TermContext, TermOutput
 from cpds_exp.records import CUT_TOTAL, cut_layer
 
 

@@ -42,7 +42,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cpds_exp.data import IMAGE_SUFFIXES, slug
 from cpds_exp.errors import CpdsError
-from cpds_exp.report import labelled_grid
+from cpds_exp.evaluation.report import labelled_grid
 from cpds_exp.results import csv_text, save_image, write_text
 
 #: Accepted spellings of each metadata field, first match wins (LAION releases differ).
@@ -121,7 +121,7 @@ class ClipEmbedder:
     """open_clip embeddings; ``model_name="tiny"`` gives random weights for dry runs and tests."""
 
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = "openai", device: str = "cpu"):
-        from cpds_exp.metrics import ClipScore
+        from cpds_exp.evaluation.metrics import ClipScore
 
         try:
             self.clip = ClipScore(model_name, pretrained)

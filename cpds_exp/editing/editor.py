@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from cpds_exp.models import SDStack
 from cpds_exp.scores import add_noise
-from cpds_exp.selector_training import SelectorTraining
-from cpds_exp.selectors import PatchSelector, RandomSelector
-from cpds_exp.step import Prediction, RowRandom, Step
-from cpds_exp.terms import Term, TermContext
+from cpds_exp.editing.selector_training import SelectorTraining
+from cpds_exp.editing.selectors import PatchSelector, RandomSelector
+from cpds_exp.editing.step import Prediction, RowRandom, Step
+from cpds_exp.editing.terms import Term, TermContext
 from cpds_exp.records import ITERATION, ITERATION_TIME, TIMESTEP
 
 

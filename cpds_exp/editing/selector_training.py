@@ -15,7 +15,7 @@ import torch
 
 from cpds_exp.cut import Select
 from cpds_exp.schema import Positive, SelectorTraining, ThresholdScope
-from cpds_exp.selectors import PatchSelector, pad_features
+from cpds_exp.editing.selectors import PatchSelector, pad_features
 
 
 def distance_threshold(distances: torch.Tensor, percentile: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Tools beside the editing: the LAION-style benchmark builder and the one-step extraction scores."""
