@@ -188,7 +188,7 @@ class AppConfig:
 
     method: MethodConfig = MISSING
     model: ModelConfig = MISSING
-    selector: SelectorConfig = MISSING
+    selector: Any = MISSING      # typed by each option's schema (SELECTOR_SCHEMAS); a new selector may bring its own
     optimizer: Any = MISSING
     dataset: Any = MISSING
     logger: Any = neutral()
