@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Sequence
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -45,6 +47,26 @@ class SDStack:
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # the SD operations every user of a stack shares (the editor, the extraction scores)
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP text-encoder hidden states, padded to the tokenizer's length as SD's pipeline does."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [−1, 1] → float32 latents (the posterior mean, scaled)."""
+        x = images.to(self.device, self.dtype)
+        return self.vae.encode(x).latent_dist.mean.float() * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → (B, 3, H, W) images in [0, 1], on the stack's device."""
+        x = self.vae.decode((latents.to(self.device) / self.latent_scale).to(self.dtype)).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def freeze(self) -> "SDStack":
         """No parameter requires grad; only the latent is optimised."""

@@ -66,6 +66,11 @@ def add_noise(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: 
     return _per_sample(abar.sqrt(), z) * z + _per_sample((1 - abar).sqrt(), z) * noise
 
 
+def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ε̂ = ε(∅) + s · (ε(y) − ε(∅))."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def dds_grad(eps_pred_src: torch.Tensor, eps_pred_trg: torch.Tensor) -> torch.Tensor:
     """Delta Denoising Score: g = ε̂_trg − ε̂_src (Hertz et al. 2023)."""
     return eps_pred_trg - eps_pred_src

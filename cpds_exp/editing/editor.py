@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cpds_exp.models import SDStack
-from cpds_exp.scores import add_noise
+from cpds_exp.scores import add_noise, guided
 from cpds_exp.editing.selector_training import SelectorTraining
 from cpds_exp.editing.selectors import PatchSelector, RandomSelector
 from cpds_exp.editing.step import Prediction, RowRandom, Step
@@ -113,23 +113,14 @@ class Editor:
         return torch.compile(unet, mode=s.compile_mode, backend=s.compile_backend) if s.compile else unet
 
     # --- encoding and decoding -------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        tok = self.stack.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                   max_length=self.stack.tokenizer.model_max_length, return_tensors="pt")
-        return self.stack.text_encoder(tok.input_ids.to(self.stack.device))[0]
+        return self.stack.encode_prompts(prompts)
 
-    @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [−1, 1] → float32 latents (the posterior mean, scaled)."""
-        x = images.to(self.stack.device, self.stack.dtype)
-        return self.stack.vae.encode(x).latent_dist.mean.float() * self.stack.latent_scale
+        return self.stack.encode_images(images)
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → (B, 3, H, W) images in [0, 1]."""
-        x = self.stack.vae.decode((latents / self.stack.latent_scale).to(self.stack.dtype)).sample
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+        return self.stack.decode(latents)
 
     # --- one iteration ----------------------------------------------------------------------
     def _unet(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -137,7 +128,7 @@ class Editor:
         return out.float()
 
     def _guided(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return uncond + self.settings.guidance_scale * (cond - uncond)
+        return guided(uncond, cond, self.settings.guidance_scale)
 
     def predict(self, zt_src: torch.Tensor, zt_trg: torch.Tensor, t: torch.Tensor,
                 emb: dict[str, torch.Tensor]) -> Prediction:

@@ -38,6 +38,7 @@ from PIL import Image
 from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
 from cpds_exp.models import SDStack
+from cpds_exp.scores import guided
 from cpds_exp.evaluation.report import labelled_grid
 from cpds_exp.results import csv_text, save_image, write_text
 
@@ -79,13 +80,6 @@ def read_captions(path: str | Path) -> list[str]:
 
 
 @torch.no_grad()
-def encode_text(stack: SDStack, prompts: Sequence[str]) -> torch.Tensor:
-    """CLIP text-encoder hidden states, padded to the tokenizer's length as SD's pipeline does."""
-    tokens = stack.tokenizer(list(prompts), padding="max_length", truncation=True,
-                             max_length=stack.tokenizer.model_max_length, return_tensors="pt")
-    return stack.text_encoder(tokens.input_ids.to(stack.device))[0]
-
-
 def noises(stack: SDStack, count: int, seed: int) -> torch.Tensor:
     """(J, C, h, w) float32 pure noise, seeded per index so that J=2 is a prefix of J=4."""
     config = stack.unet.config
@@ -103,16 +97,15 @@ def one_step(stack: SDStack, caption: str, noise: torch.Tensor, guidance_scale: 
     count = noise.shape[0]
     t = last_timestep(stack)
     alpha_bar = stack.scheduler.alphas_cumprod[t].float()
-    text = encode_text(stack, ["", caption])
+    text = stack.encode_prompts(["", caption])
     cond = text.repeat_interleave(count, dim=0)
     z_t = noise.to(stack.device).repeat(2, 1, 1, 1)
     timesteps = torch.full((2 * count,), t, device=stack.device, dtype=torch.long)
     pred = stack.unet(z_t.to(stack.dtype), timesteps, encoder_hidden_states=cond).sample.float().cpu()
     uncond, conditional = pred.chunk(2)
-    eps = uncond + guidance_scale * (conditional - uncond)
+    eps = guided(uncond, conditional, guidance_scale)
     x0 = (noise - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-    decoded = stack.vae.decode((x0 / stack.latent_scale).to(stack.device, stack.dtype)).sample.float().cpu()
-    return OneStep(noise=noise, eps=eps, images=(decoded / 2 + 0.5).clamp(0, 1))
+    return OneStep(noise=noise, eps=eps, images=stack.decode(x0).cpu())
 
 
 def dcs(noise: torch.Tensor, eps: torch.Tensor) -> float:
