@@ -182,6 +182,123 @@ SELECTOR_SCHEMAS = {"random": RandomSelectorConfig, "meta": MLPSelectorConfig, "
                     "svm": SVMSelectorConfig, "rf": RFSelectorConfig}
 
 
+# --- optimizers, loggers, datasets: a schema per option ---------------------------------------------
+@dataclass
+class OptimizerConfig:
+    """A torch optimiser for the latent, built partially: lr comes from the run (``lr`` or the method's)."""
+
+    name: str = MISSING
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    """Plain SGD, as published."""
+
+    name: str = "sgd"
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.0
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    """Adam (not in the paper); pair it with a smaller lr."""
+
+    name: str = "adam"
+    _target_: str = "torch.optim.Adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+@dataclass
+class NullLoggerConfig(LoggerConfig):
+    """No experiment tracking: outputs stay in the run folder."""
+
+    name: str = "none"
+    _target_: str = "cpds_exp.loggers.NullLogger"
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    """Weights & Biases: online when logged in, else offline with a notice."""
+
+    name: str = "wandb"
+    _target_: str = "cpds_exp.loggers.WandbLogger"
+    project: str = "cpds-exp"
+    entity: Optional[str] = None
+    mode: str = "auto"                     # auto, online, offline, disabled
+    group: Optional[str] = II("sweep_name")  # every run of a sweep in one W&B group
+    tags: list[str] = field(default_factory=list)
+    job_type: Optional[str] = II("method.name")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    _target_: str = MISSING
+
+
+@dataclass
+class SampleDatasetConfig(DatasetConfig):
+    """A real photograph shipped with scikit-learn, so a first run needs no files."""
+
+    name: str = "sample"
+    _target_: str = "cpds_exp.data.sample"
+    source_prompt: str = "a photo of an orange dahlia"
+    target_prompt: str = "a photo of a blue dahlia"
+
+
+@dataclass
+class SingleDatasetConfig(DatasetConfig):
+    """One image file and its prompt pair (or a list of target prompts)."""
+
+    name: str = "single"
+    _target_: str = "cpds_exp.data.single"
+    image: str = MISSING
+    source_prompt: str = MISSING
+    target_prompt: Any = MISSING          # a prompt, or a list of them (one edit each)
+    task: Optional[str] = None
+
+
+@dataclass
+class FolderDatasetConfig(DatasetConfig):
+    """Every image of a folder with the task's prompt pair."""
+
+    name: str = "folder"
+    _target_: str = "cpds_exp.data.folder"
+    path: str = MISSING
+    source_prompt: str = II("task.source_prompt")
+    target_prompt: str = II("task.target_prompt")
+    task: Optional[str] = II("task.name")
+    limit: Optional[int] = None           # edit only the first N images
+
+
+@dataclass
+class ManifestDatasetConfig(DatasetConfig):
+    """Rows of image, source_prompt, target_prompt[, name, task] from a CSV or JSONL file."""
+
+    name: str = "manifest"
+    _target_: str = "cpds_exp.data.manifest"
+    path: str = MISSING
+    task: Optional[str] = None
+    limit: Optional[int] = None
+
+
+GROUP_SCHEMAS = {
+    "selector": SELECTOR_SCHEMAS,
+    "optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
+    "logger": {"none": NullLoggerConfig, "wandb": WandbLoggerConfig},
+    "dataset": {"sample": SampleDatasetConfig, "single": SingleDatasetConfig, "folder": FolderDatasetConfig,
+                "manifest": ManifestDatasetConfig},
+}
+
+
 @dataclass
 class AppConfig:
     """Every option of a run. ``python run.py KEY=VALUE`` sets any of them."""
@@ -234,8 +351,9 @@ NON_SEMANTIC_KEYS = tuple(f.name for f in fields(AppConfig) if not f.metadata.ge
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore: conf/config.yaml and each selector option build on them."""
+    """Put the schemas in Hydra's ConfigStore: conf/config.yaml and each group option build on them."""
     store = ConfigStore.instance()
     store.store(name="config_schema", node=AppConfig)
-    for name, schema in SELECTOR_SCHEMAS.items():
-        store.store(group="selector", name=f"{name}_schema", node=schema)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=f"{name}_schema", node=schema)

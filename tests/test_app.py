@@ -72,6 +72,8 @@ def test_single_image_dataset(compose_config, tmp_path, photo):
     (("logger=wandb", "logger.mode=sometimes"), "logger.mode='sometimes' is unknown"),
     (("selector=knn", "selector.max_train_samples=3"), "below n_neighbors=5"),
     (("method=cds_matched", "t_min=0"), "need t_min >= 1"),
+    (("optimizer.momentun=0.9",), "Key 'momentun' not in 'SGDConfig'"),  # every group option has a schema
+    (("dataset=folder", "dataset.path=x", "dataset.limit=some"), "could not be converted to Integer"),
 ])
 def test_bad_input_is_one_line(compose_config, tmp_path, overrides, message):
     line = refusal(compose_config, tmp_path, *overrides)
