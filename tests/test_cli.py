@@ -25,6 +25,21 @@ def run_py(*args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+def run_with_user_config(tmp_path, group: str, name: str, yaml: str, *overrides) -> dict:
+    """`python run.py <group>=<name> ...` with that option's yaml in a config folder of the user's
+    (hydra.searchpath) and the tests folder importable (classes defined in test modules); the record."""
+    (tmp_path / "conf" / group).mkdir(parents=True)
+    (tmp_path / "conf" / group / f"{name}.yaml").write_text(yaml)
+    out = tmp_path / "run"
+    env = {**child_env(), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), f"{group}={name}", "model=tiny", "metrics=random",
+                           "logger=none", "progress=false", *overrides, f"hydra.run.dir={out}",
+                           f"hydra.searchpath=[file://{tmp_path / 'conf'}]"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
 def start_run_py(*args, cwd):
     """`python run.py ...` in the background, stdout and stderr merged, read line by line."""
     return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
