@@ -97,6 +97,9 @@ def test_paired_differences_against_the_baseline(tmp_path):
     assert diff["clip_diff"] == 0 and diff["clip_ci_low"] == diff["clip_ci_high"] == 0
     assert build_report(tmp_path)["differences"] == report["differences"]  # seeded
     assert "Paired differences against method=dds" in report["markdown"]
+    from cpds_exp.evaluation.report import paired_bootstrap
+
+    assert paired_bootstrap([0.5]) == (0.5, None, None)  # one image: a mean, no interval
     assert (tmp_path / "report" / "differences.csv").read_text().startswith("method,task,protocol,baseline")
 
 

@@ -174,11 +174,15 @@ def default_baseline(rows: str, values: Iterable[Any]) -> Any:
     return preferred if preferred in values else (values[0] if values else None)
 
 
-def paired_bootstrap(differences: Sequence[float], resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% percentile-bootstrap interval (resampling images)."""
+def paired_bootstrap(differences: Sequence[float], resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float | None, float | None]:
+    """Mean of paired differences and its 95% percentile-bootstrap interval (resampling images);
+    no interval from a single pair, whose resamples would all be that pair."""
     import numpy as np
 
     values = np.asarray(differences, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), None, None
     means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(values.mean()), float(low), float(high)
@@ -211,8 +215,9 @@ def paired_differences(records: Sequence[dict[str, Any]], rows: str, columns: st
             stats = paired_bootstrap([a - b for a, b in sorted(pairs)], seed=seed) if pairs else (None, None, None)
             entry[f"{metric}_diff"], entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"] = stats
         out.append(entry)
-    order = {v: i for i, v in enumerate(_ordered({e[rows] for e in out}, rows))}
-    return sorted(out, key=lambda e: (order[e[rows]], _ordered({x[columns] for x in out}, columns).index(e[columns])))
+    row_order = {v: i for i, v in enumerate(_ordered({e[rows] for e in out}, rows))}
+    column_order = {v: i for i, v in enumerate(_ordered({e[columns] for e in out}, columns))}
+    return sorted(out, key=lambda e: (row_order[e[rows]], column_order[e[columns]]))
 
 
 def differences_markdown(differences: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:
@@ -226,6 +231,8 @@ def differences_markdown(differences: Sequence[dict[str, Any]], rows: str, colum
     def interval(entry: dict[str, Any], metric: str) -> str:
         if entry[f"{metric}_diff"] is None:
             return "–"
+        if entry[f"{metric}_ci_low"] is None:
+            return f"{entry[f'{metric}_diff']:+.4f} [one image: no interval]"
         return f"{entry[f'{metric}_diff']:+.4f} [{entry[f'{metric}_ci_low']:+.4f}, {entry[f'{metric}_ci_high']:+.4f}]"
 
     for e in differences:
