@@ -171,8 +171,9 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
             bar.update(1)
 
         def done_meanwhile(edit: PlannedEdit) -> EditRecord | None:
-            """Checked once claimed: another process may have finished the edit since this run looked."""
-            return finished_record(edit, since=started) or (None if cfg.force else finished_record(edit))
+            """Checked once claimed: another process may have finished the edit since this run looked
+            (with force=true, only a record written since this run started counts)."""
+            return finished_record(edit, since=started if cfg.force else None)
 
         for batch in claimed_batches(todo, cfg.batch_size, cfg.claim_timeout_h, done_meanwhile, done_elsewhere):
             rows = []

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, TypeVar
 log = logging.getLogger(__name__)
 
 CLAIM_FILE = ".claim"
+_unsupported_said: list[Path] = []  # warn once per process, not once per edit
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -71,7 +72,9 @@ def _lock(folder: Path, blocking: bool) -> Claim | None:
         os.close(fd)
         if err.errno not in _UNSUPPORTED:
             raise
-        log.warning("file locking is not supported under %s: concurrent sweeps may repeat edits", folder)
+        if not _unsupported_said:
+            log.warning("file locking is not supported under %s: concurrent sweeps may repeat edits", folder)
+            _unsupported_said.append(folder)
         return Claim(None)
     _stamp(fd)
     return Claim(fd)

@@ -63,8 +63,8 @@ def fault_message(err: BaseException) -> str | None:
         return config_error(err)
     if isinstance(err, OSError):
         where = f" ({err.filename})" if err.filename else ""
-        return (f"cannot write the run's files{where}: {err.strerror or err}; check that the output folder "
-                "(hydra.run.dir / hydra.sweep.dir) is writable and its disk has free space")
+        return (f"file system error{where}: {err.strerror or err}; check that the inputs are readable, the output "
+                "folder (hydra.run.dir / hydra.sweep.dir) is writable and its disk has free space")
     return None
 
 
