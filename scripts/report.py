@@ -1,4 +1,5 @@
-"""Tables, grids and plots of a sweep, optionally on W&B.
+"""Tables, grids and plots of a sweep, optionally on W&B: records.csv/.parquet (one line per edit),
+table.md, table.csv and table.tex (mean ± 95% CI per method and task), differences.csv, figures.
 
     python scripts/report.py outputs/sweeps/table1 --paper            # report/ beside the jobs
     python scripts/report.py outputs/sweeps/table2 --rows selector --wandb
@@ -10,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import has_wandb_credentials
-from cpds_exp.evaluation.report import build_report
+from cpds_exp.evaluation.report import build_report, summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,15 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = build_report(args.sweep_dir, args.rows, args.columns, args.paper, args.out, args.baseline)
-    except FileNotFoundError as err:
-        print(f"error: {err}: run a sweep first (python run.py +experiment=table1 ...)", file=sys.stderr)
+    except CpdsError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(report["markdown"])
-    print(f"{report['counts']} edits; written to {report['out']}")
+    print(summary_line(report))
     if report["unreadable"]:
         print(f"{len(report['unreadable'])} unreadable record(s), left out (re-run the sweep to recompute them):",
               *report["unreadable"], sep="\n  ", file=sys.stderr)
-    sweep_name = next((r["sweep_name"] for r in report["records"] if r.get("sweep_name")), args.sweep_dir.name)
+    sweep_name = report["sweep_name"]
     if args.wandb:
         from cpds_exp.evaluation.wandb_report import log_report
 

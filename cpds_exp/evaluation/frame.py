@@ -21,6 +21,9 @@ METRIC_LABELS = {"clip": "CLIP ↑", "lpips": "LPIPS ↓"}
 METHOD_NAMES = {"dds": "DDS", "cds": "CDS", "pds": "PDS", "cpds": "CPDS", "cds_matched": "CDS (matched step)"}
 SELECTOR_NAMES = {"random": "Random", "meta": "Meta-learner", "knn": "KNN", "svm": "SVM", "rf": "Random forest"}
 ORDERS = {"method": tuple(METHOD_NAMES), "selector": tuple(SELECTOR_NAMES), "task": ("cat2dog", "cat2cow", "cat2pig")}
+#: what a table's row header or an axis says for a record field
+KEY_TITLES = {"method": "Method", "selector": "Selector", "lr": "Learning rate", "task": "Task",
+              "metrics_protocol": "Protocol"}
 
 #: record fields that describe an edit (the candidates for rows, columns and hues)
 IDENTITY = ("method", "selector", "lr", "w_cut", "w_dds", "iterations", "optimizer", "seed", "model", "resolution",
@@ -43,6 +46,11 @@ def display_name(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{key} {value:g}"
     return f"{key} {value}" if key not in ("image",) else str(value)
+
+
+def key_title(key: str) -> str:
+    """A record field as a header: "Method", "Learning rate"; unknown fields as they are."""
+    return KEY_TITLES.get(key, key)
 
 
 def ordered(values: Iterable[Any], key: str) -> list[Any]:
@@ -130,12 +138,18 @@ def ci95(values: Sequence[float] | pd.Series) -> float:
     return float(stats.t.ppf(0.975, len(series) - 1) * series.std(ddof=1) / math.sqrt(len(series)))
 
 
+def none_for_missing(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """``frame`` with the ``keys`` columns as objects whose missing values are None, so that groups
+    and merges treat "no task" as one value that compares equal to itself."""
+    return frame.assign(**{k: frame[k].astype(object).where(frame[k].notna(), None) for k in keys})
+
+
 def aggregate(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     """Per group of ``by`` (e.g. method, task, metrics_protocol): ``n`` done, ``n_diverged``,
     ``n_skipped`` and, over the finished edits, ``<metric>`` (mean) and ``<metric>_ci`` (95% half-width,
     NaN when n < 2). Groups keep the paper's order."""
     by = list(by)
-    keyed = frame.assign(**{k: frame[k].astype(object).where(frame[k].notna(), None) for k in by})
+    keyed = none_for_missing(frame, by)
     counts = keyed.groupby(by, dropna=False)["status"].agg(
         n=lambda s: int((s == "done").sum()), n_diverged=lambda s: int((s == "diverged").sum()),
         n_skipped=lambda s: int((s == "skipped").sum()))
@@ -146,11 +160,16 @@ def aggregate(frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = M
     if stats is not None and len(stats):
         stats.columns = [m if s == "mean" else f"{m}_ci" for m, s in stats.columns]
         table = counts.join(stats)
-    table = table.reset_index()
+    table = none_for_missing(table.reset_index(), by)  # groups give NaN back for None
     for metric in metrics:
         for column in (metric, f"{metric}_ci"):
             if column not in table.columns:
                 table[column] = float("nan")
+    return in_order(table, by)
+
+
+def in_order(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """``table``'s lines sorted by ``by`` in the paper's order (see :func:`ordered`), renumbered."""
     position = {k: {v: i for i, v in enumerate(ordered(table[k], k))} for k in by}
     order = sorted(range(len(table)), key=lambda i: tuple(position[k].get(table[k].iloc[i], -1) for k in by))
     return table.iloc[order].reset_index(drop=True)

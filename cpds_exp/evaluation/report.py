@@ -1,25 +1,28 @@
 """Turn a sweep directory into the paper's tables, image grids and plots (SPEC §5).
 
 A sweep directory holds one ``summary.json`` record per edit (any depth: jobs, shards and
-``edits/<image>/`` folders), so merging jobs or shards is just reading them all.
+``edits/<image>/`` folders), so merging jobs or shards is just reading them all. Every record
+becomes a line of one pandas frame (:mod:`cpds_exp.evaluation.frame`); the tables are its
+aggregates, rendered by :mod:`cpds_exp.evaluation.tables`.
 """
 from __future__ import annotations
 
 import io
-import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
+import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw
 
+from cpds_exp.errors import CpdsError
+from cpds_exp.evaluation.frame import (METRICS, aggregate, in_order, infer_rows, none_for_missing, ordered,
+                                       records_frame, rounds_frame, varying)
+from cpds_exp.evaluation.tables import (PROTOCOL, differences_markdown, display_frame, latex_table,
+                                        markdown_table, write_csv, write_parquet)
 from cpds_exp.records import load_record
-from cpds_exp.results import csv_text, save_image, write_text
-
-METRICS = ("clip", "lpips")
-METHOD_ORDER = ("dds", "cds", "pds", "cpds", "cds_matched")
-SELECTOR_ORDER = ("random", "meta", "knn", "svm", "rf")
-TASK_ORDER = ("cat2dog", "cat2cow", "cat2pig")
+from cpds_exp.results import save_image, write_text
 
 #: The paper's Table 1 (CLIP ↑, LPIPS ↓; mean over 250 cats) and Table 2 (CDS, cat → pig, one image).
 PAPER_TABLE1 = {
@@ -33,6 +36,13 @@ PAPER_TABLE2 = {
     ("knn", "cat2pig"): (0.246875, 0.080417),
 }
 PAPER = {"method": PAPER_TABLE1, "selector": PAPER_TABLE2}
+
+#: Why the paper's numbers stand only beside records of the published protocol (SPEC §5).
+PAPER_NOTE = ("The paper's numbers stand only beside cells of metrics.protocol=published: its evaluation "
+              "fed CLIP near-black images (pixels in [0, 1/255]), so the paper's CLIP column (0.244-0.250 "
+              "everywhere) does not measure the edits, and its LPIPS saw unscaled [0, 1] inputs.")
+LEGEND = ("CLIP ↑: higher is better, LPIPS ↓: lower is better. Cells: mean ± 95% confidence interval (t) over "
+          "the finished edits, no interval from a single edit; bold: the best of its column; n: finished edits.")
 
 
 def scan_records(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -61,115 +71,33 @@ def load_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return scan_records(sweep_dir)[0]
 
 
-def _ordered(values: Iterable[Any], key: str) -> list[Any]:
-    order = {"method": METHOD_ORDER, "selector": SELECTOR_ORDER, "task": TASK_ORDER}.get(key, ())
-    return sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), str(v) if v is None
-                                              else v if isinstance(v, (int, float)) else str(v)))
+def sweep_name(records: Sequence[dict[str, Any]], sweep_dir: str | Path) -> str:
+    """The sweep's W&B group: its ``sweep_name``, or the sweep folder's name when it was run without one."""
+    return next((r["sweep_name"] for r in records if r.get("sweep_name")), Path(sweep_dir).resolve().name)
 
 
-def infer_rows(records: Sequence[dict[str, Any]]) -> str:
-    """The swept parameter that makes the table's rows: the first of method, selector, lr that varies."""
-    for key in ("method", "selector", "lr"):
-        if len({r.get(key) for r in records}) > 1:
-            return key
-    return "method"
-
-
-def mean_and_sem(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
-
-
-def protocol_of(record: dict[str, Any]) -> str:
-    """The evaluation protocol a record's metrics were computed under (never mixed in one cell)."""
-    return str(record.get("metrics_protocol") or "unrecorded")
-
-
-def summarise(records: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> list[dict[str, Any]]:
-    """One entry per (row, column, protocol) cell: n done, n diverged, n skipped, and the mean and
-    s.e. of each metric over the finished edits."""
-    cells: dict[tuple, list[dict]] = defaultdict(list)
-    for record in records:
-        cells[(record.get(rows), record.get(columns), protocol_of(record))].append(record)
-    table = []
-    for row in _ordered({k[0] for k in cells}, rows):
-        for column in _ordered({k[1] for k in cells if k[0] == row}, columns):
-            for protocol in sorted({k[2] for k in cells if k[:2] == (row, column)}):
-                group = cells[(row, column, protocol)]
-                done = [r for r in group if r.get("status") == "done"]
-                entry = {rows: row, columns: column, "protocol": protocol, "n": len(done),
-                         "n_diverged": sum(r.get("status") == "diverged" for r in group),
-                         "n_skipped": sum(r.get("status") == "skipped" for r in group)}
-                for metric in METRICS:
-                    values = [r[metric] for r in done if r.get(metric) is not None]
-                    entry[metric], entry[f"{metric}_sem"] = mean_and_sem(values) if values else (None, None)
-                table.append(entry)
-    return table
-
-
-#: Why the paper's numbers stand only beside records of the published protocol (SPEC §5).
-PAPER_NOTE = ("The paper's numbers stand only beside cells of metrics.protocol=published: its evaluation "
-              "fed CLIP near-black images (pixels in [0, 1/255]), so the paper's CLIP column (0.244-0.250 "
-              "everywhere) does not measure the edits, and its LPIPS saw unscaled [0, 1] inputs.")
-
-
-def attach_paper(table: list[dict[str, Any]], rows: str, columns: str = "task") -> list[dict[str, Any]]:
-    """Add the paper's numbers (Table 1 by method, Table 2 by selector) to the cells it reports,
-    measured under the published protocol: no other protocol is comparable with them."""
+def attach_paper(table: pd.DataFrame, rows: str, columns: str = "task") -> pd.DataFrame:
+    """``table`` with the paper's numbers (Table 1 by method, Table 2 by selector) as ``paper_clip``
+    and ``paper_lpips`` on the lines it reports, measured under the published protocol: no other
+    protocol is comparable with them."""
     reference = PAPER.get(rows, {})
-    for entry in table:
-        paper = reference.get((entry[rows], entry[columns])) if entry.get("protocol") == "published" else None
-        entry["paper_clip"], entry["paper_lpips"] = paper if paper else (None, None)
-    return table
+    numbers = [reference.get((row, column), (None, None)) if protocol == "published" else (None, None)
+               for row, column, protocol in zip(table[rows], table[columns], table[PROTOCOL])]
+    paper = pd.DataFrame(numbers, index=table.index, columns=["paper_clip", "paper_lpips"], dtype="float64")
+    return table.join(paper)
 
 
-def _fmt(mean: float | None, sem: float | None = None) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.4f} ± {sem:.4f}" if sem is not None else f"{mean:.6g}"
-
-
-def _row_keys(table: Sequence[dict[str, Any]], rows: str) -> list[tuple[Any, str]]:
-    """(row value, protocol) in table order, without repeats."""
-    return list(dict.fromkeys((e[rows], e["protocol"]) for e in table))
-
-
-def to_markdown(table: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:
-    """A Markdown table: a line per row value (and protocol, when several), CLIP ↑ and LPIPS ↓
-    (mean ± s.e.) per column value, then the done, diverged and skipped counts per column."""
-    col_values = _ordered({e[columns] for e in table}, columns)
-    row_keys = _row_keys(table, rows)
-    several = len({protocol for _, protocol in row_keys}) > 1
-    with_paper = any(e.get("paper_clip") is not None for e in table)
-    header = [rows]
-    for c in col_values:
-        header += [f"{c} CLIP ↑", f"{c} LPIPS ↓"] + ([f"{c} paper CLIP", f"{c} paper LPIPS"] if with_paper else [])
-    header += ["n", "diverged", "skipped"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row, protocol in row_keys:
-        cells, counts = [f"{row} ({protocol})" if several else str(row)], []
-        for column in col_values:
-            entry = next((e for e in table if (e[rows], e["protocol"], e[columns]) == (row, protocol, column)), None)
-            if entry is None:
-                cells += ["–", "–"] + (["–", "–"] if with_paper else [])
-                continue
-            counts.append(entry)
-            cells += [_fmt(entry["clip"], entry["clip_sem"]), _fmt(entry["lpips"], entry["lpips_sem"])]
-            if with_paper:
-                cells += [_fmt(entry.get("paper_clip")), _fmt(entry.get("paper_lpips"))]
-        cells += ["/".join(str(e[key]) for e in counts) for key in ("n", "n_diverged", "n_skipped")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{PAPER_NOTE}\n" if with_paper else "")
-
-
-def default_baseline(rows: str, values: Iterable[Any]) -> Any:
-    """DDS for methods, random for selectors, else the first value in the table's order."""
-    values = _ordered(values, rows)
+def resolve_baseline(rows: str, values: Sequence[Any], requested: Any = None) -> Any:
+    """The row value the others are compared with: ``requested`` (from the command line, a string
+    while lr values are numbers) if given, else DDS for methods, random for selectors, else the
+    first value in the table's order."""
+    values = ordered(values, rows)
+    if requested is not None:
+        match = [v for v in values if str(v) == str(requested)]
+        if not match:
+            raise CpdsError(f"baseline {requested!r} is not a {rows} of the finished edits: use one of "
+                            f"{', '.join(map(str, values)) or 'none (no edit finished)'}")
+        return match[0]
     preferred = {"method": "dds", "selector": "random"}.get(rows)
     return preferred if preferred in values else (values[0] if values else None)
 
@@ -178,8 +106,6 @@ def paired_bootstrap(differences: Sequence[float], resamples: int = 10_000,
                      seed: int = 0) -> tuple[float, float | None, float | None]:
     """Mean of paired differences and its 95% percentile-bootstrap interval (resampling images);
     no interval from a single pair, whose resamples would all be that pair."""
-    import numpy as np
-
     values = np.asarray(differences, dtype=np.float64)
     if len(values) < 2:
         return float(values.mean()), None, None
@@ -188,57 +114,30 @@ def paired_bootstrap(differences: Sequence[float], resamples: int = 10_000,
     return float(values.mean()), float(low), float(high)
 
 
-def paired_differences(records: Sequence[dict[str, Any]], rows: str, columns: str = "task",
-                       baseline: Any = None, seed: int = 0) -> list[dict[str, Any]]:
+def paired_differences(frame: pd.DataFrame, rows: str, columns: str = "task", baseline: Any = None,
+                       seed: int = 0) -> pd.DataFrame:
     """Per (row, column, protocol): the mean per-image difference of each metric against the
     ``baseline`` row on the same images, with a seeded paired-bootstrap 95% CI. The paper's gaps are
     in the third or fourth decimal: this says whether they exceed the spread over images."""
-    done = [r for r in records if r.get("status") == "done"]
-    values = {r.get(rows) for r in done}
-    if baseline is None:
-        baseline = default_baseline(rows, values)
-    else:  # from the command line: a string, while lr values are numbers
-        baseline = next((v for v in values if str(v) == str(baseline)), baseline)
-    by_cell: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for record in done:
-        by_cell[(record.get(rows), record.get(columns), protocol_of(record))][record["image"]] = record
-    out = []
-    for (row, column, protocol), images in sorted(by_cell.items(), key=lambda kv: str(kv[0])):
-        reference = by_cell.get((baseline, column, protocol))
-        if row == baseline or not reference:
-            continue
-        entry = {rows: row, columns: column, "protocol": protocol, "baseline": baseline}
+    keys = [rows, columns, PROTOCOL]
+    done = none_for_missing(frame[frame["status"] == "done"], keys)
+    baseline = resolve_baseline(rows, done[rows], baseline)
+    per_image = none_for_missing(done.astype({m: "float64" for m in METRICS}).groupby(
+        [*keys, "image"], dropna=False)[list(METRICS)].mean().reset_index(), keys)
+    is_baseline = per_image[rows].map(lambda v: v == baseline).astype(bool)
+    paired = per_image[~is_baseline].merge(per_image[is_baseline].drop(columns=rows), on=[*keys[1:], "image"],
+                                           suffixes=("", "_baseline"))
+    entries = []
+    for key, group in none_for_missing(paired, keys).groupby(keys, dropna=False, sort=False):
+        entry = {**dict(zip(keys, key)), "baseline": baseline, "n_pairs": len(group)}
         for metric in METRICS:
-            pairs = [(images[i][metric], reference[i][metric]) for i in images.keys() & reference.keys()
-                     if images[i].get(metric) is not None and reference[i].get(metric) is not None]
-            entry[f"n_pairs_{metric}"] = len(pairs)
-            stats = paired_bootstrap([a - b for a, b in sorted(pairs)], seed=seed) if pairs else (None, None, None)
-            entry[f"{metric}_diff"], entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"] = stats
-        out.append(entry)
-    row_order = {v: i for i, v in enumerate(_ordered({e[rows] for e in out}, rows))}
-    column_order = {v: i for i, v in enumerate(_ordered({e[columns] for e in out}, columns))}
-    return sorted(out, key=lambda e: (row_order[e[rows]], column_order[e[columns]]))
-
-
-def differences_markdown(differences: Sequence[dict[str, Any]], rows: str, columns: str = "task") -> str:
-    """The paired differences as Markdown: Δ = row − baseline, mean [95% CI], per column."""
-    if not differences:
-        return ""
-    baseline = differences[0]["baseline"]
-    lines = [f"Paired differences against {rows}={baseline} on the same images (mean [95% bootstrap CI]):", "",
-             f"| {rows} | {columns} | protocol | Δ CLIP ↑ | Δ LPIPS ↓ | pairs |", "|---|---|---|---|---|---|"]
-
-    def interval(entry: dict[str, Any], metric: str) -> str:
-        if entry[f"{metric}_diff"] is None:
-            return "–"
-        if entry[f"{metric}_ci_low"] is None:
-            return f"{entry[f'{metric}_diff']:+.4f} [one image: no interval]"
-        return f"{entry[f'{metric}_diff']:+.4f} [{entry[f'{metric}_ci_low']:+.4f}, {entry[f'{metric}_ci_high']:+.4f}]"
-
-    for e in differences:
-        lines.append(f"| {e[rows]} | {e[columns]} | {e['protocol']} | {interval(e, 'clip')} | {interval(e, 'lpips')} "
-                     f"| {e['n_pairs_lpips']} |")
-    return "\n".join(lines) + "\n"
+            gaps = (group[metric] - group[f"{metric}_baseline"]).dropna().sort_values()  # sorted: order-free
+            stats = paired_bootstrap(gaps.to_numpy(), seed=seed) if len(gaps) else (None, None, None)
+            entry.update(zip((f"{metric}_diff", f"{metric}_ci_low", f"{metric}_ci_high"), stats))
+        entries.append(entry)
+    columns_out = [*keys, "baseline", "n_pairs"] + [f"{m}_{s}" for m in METRICS for s in ("diff", "ci_low", "ci_high")]
+    differences = pd.DataFrame(entries, columns=columns_out)
+    return in_order(none_for_missing(differences, keys), [rows, columns, PROTOCOL])
 
 
 # --- pictures ---------------------------------------------------------------------------------
@@ -271,9 +170,9 @@ def comparison_grids(records: Sequence[dict[str, Any]], by: str = "method",
     """Per task: rows of images, columns source then each ``by`` value (e.g. DDS, CDS, PDS, CPDS)."""
     done = [r for r in records if r.get("status") == "done"]
     grids = {}
-    for task in _ordered({r.get("task") for r in done}, "task"):
+    for task in ordered({r.get("task") for r in done}, "task"):
         in_task = [r for r in done if r.get("task") == task]
-        values = _ordered({r.get(by) for r in in_task}, by)
+        values = ordered({r.get(by) for r in in_task}, by)
         images = sorted({r["image"] for r in in_task})[:max_images]
         rows = []
         for image in images:
@@ -300,7 +199,7 @@ def accuracy_plot(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
     if not curves:
         return False
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    for selector in _ordered(curves, "selector"):
+    for selector in ordered(curves, "selector"):
         rounds = sorted(curves[selector])
         accuracy = [sum(v[0] for v in curves[selector][k]) / len(curves[selector][k]) for k in rounds]
         balanced = [sum(v[1] for v in curves[selector][k]) / len(curves[selector][k]) for k in rounds]
@@ -322,33 +221,70 @@ def accuracy_plot(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
     return True
 
 
+def report_markdown(text: pd.DataFrame, best: pd.DataFrame, with_paper: bool, differences: str,
+                    unreadable: Sequence[Path]) -> str:
+    """table.md: the table, its legend, the paper's caveat when its numbers are shown, the paired
+    differences and the records left out."""
+    sections = [markdown_table(text, best), LEGEND]
+    if with_paper:
+        sections.append(PAPER_NOTE)
+    if differences:
+        sections.append(differences.rstrip("\n"))
+    if unreadable:
+        sections.append(f"{len(unreadable)} unreadable record(s) left out (re-run the sweep to recompute them): "
+                        + ", ".join(map(str, unreadable)))
+    return "\n\n".join(sections) + "\n"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """"12 edits: 10 done, 1 diverged, 1 skipped; report in DIR" (and the unreadable records, if any)."""
+    total = sum(report["counts"].values())
+    counts = ", ".join(f"{report['counts'].get(status, 0)} {status}" for status in ("done", "diverged", "skipped"))
+    line = f"{total} edit{'s' if total != 1 else ''}: {counts}; report in {report['out']}"
+    if report["unreadable"]:
+        line += f"; {len(report['unreadable'])} unreadable record(s) left out"
+    return line
+
+
 def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = "task", paper: bool = False,
                  out_dir: str | Path | None = None, baseline: Any = None) -> dict[str, Any]:
-    """Write table.md, table.csv, differences.csv, comparison grids and the accuracy plot into
-    ``<sweep>/report``."""
+    """Read every edit under ``sweep_dir`` into one frame and write into ``<sweep>/report``:
+    records.csv and records.parquet (one line per edit), table.csv (one line per row value,
+    protocol and column value, full precision), table.md and table.tex (the display table),
+    differences.csv, the comparison grids and the accuracy plot."""
     records, unreadable = scan_records(sweep_dir)
     if not records:
-        raise FileNotFoundError(f"no edit records (summary.json) under {sweep_dir}")
-    rows = rows or infer_rows(records)
+        raise CpdsError(f"no edit records (summary.json) under {sweep_dir}: run a sweep first "
+                        "(python run.py -m method=dds,cpds ...) or give the folder that holds one")
+    frame = records_frame(records)
+    rows = rows or infer_rows(frame)
+    for option, key in (("rows", rows), ("columns", columns)):
+        if key not in frame.columns:
+            raise CpdsError(f"{option}={key} is not a field of the records: use one of "
+                            f"{', '.join(varying(frame)) or 'method, task'}")
+    if rows == columns:
+        raise CpdsError(f"rows and columns are both {rows}: pick two different fields")
     out = Path(out_dir or Path(sweep_dir) / "report")
-    table = summarise(records, rows, columns)
+    table = aggregate(frame, [rows, PROTOCOL, columns])
     if paper:
-        attach_paper(table, rows, columns)
-    differences = paired_differences(records, rows, columns, baseline)
-    markdown = to_markdown(table, rows, columns)
-    if differences:
-        markdown += "\n" + differences_markdown(differences, rows, columns)
-        write_text(out / "differences.csv", csv_text(differences))
-    write_text(out / "table.md", markdown)
-    write_text(out / "table.csv", csv_text(table))
+        table = attach_paper(table, rows, columns)
+    differences = paired_differences(frame, rows, columns, baseline)
+    text, best = display_frame(table, rows, columns)
+    with_paper = paper and bool(table[["paper_clip", "paper_lpips"]].notna().any(axis=None))
+    markdown = report_markdown(text, best, with_paper, differences_markdown(differences, rows, columns), unreadable)
+    latex = f"% {PAPER_NOTE}\n{latex_table(text, best)}" if with_paper else latex_table(text, best)
+    files = {"records.csv": write_csv(out / "records.csv", frame),
+             "records.parquet": write_parquet(out / "records.parquet", frame),
+             "table.csv": write_csv(out / "table.csv", table),
+             "table.md": write_text(out / "table.md", markdown),
+             "table.tex": write_text(out / "table.tex", latex),
+             "differences.csv": write_csv(out / "differences.csv", differences)}
     grids = comparison_grids(records, by=rows)
     for task, grid in grids.items():
         save_image(out / "grids" / f"{task}.png", grid)
     has_accuracy = accuracy_plot(records, out / "accuracy.png")
-    counts = defaultdict(int)
-    for record in records:
-        counts[record.get("status", "unknown")] += 1
-    return {"records": records, "rows": rows, "table": table, "differences": differences, "markdown": markdown,
-            "grids": grids,
-            "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": dict(counts), "out": out,
-            "unreadable": unreadable}
+    counts = {status: int(n) for status, n in frame["status"].value_counts().items()}
+    return {"records": records, "frame": frame, "rounds": rounds_frame(records), "rows": rows, "columns": columns,
+            "table": table, "differences": differences, "markdown": markdown, "latex": latex, "grids": grids,
+            "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": counts, "out": out,
+            "unreadable": unreadable, "files": files, "sweep_name": sweep_name(records, sweep_dir)}

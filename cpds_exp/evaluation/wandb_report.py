@@ -22,10 +22,8 @@ def log_report(report: dict[str, Any], sweep_name: str, project: str = "cpds-exp
                                                                           "rows": report["rows"]},
                      reinit="finish_previous")
     for key in ("table", "differences"):
-        if report.get(key):
-            columns = list(dict.fromkeys(k for entry in report[key] for k in entry))
-            rows = [[entry.get(c) for c in columns] for entry in report[key]]
-            run.log({key: wandb.Table(columns=columns, data=rows)})
+        if len(report[key]):
+            run.log({key: wandb.Table(dataframe=report[key])})
     run.log({f"grid/{task}": wandb.Image(grid) for task, grid in report["grids"].items()})
     if report["accuracy_plot"] is not None:
         run.log({"selector_accuracy": wandb.Image(Image.open(report["accuracy_plot"]))})
