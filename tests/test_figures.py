@@ -1,5 +1,6 @@
 """The report's figures: what each one shows (axes, titles, captions, bands, lines), read back from
 the matplotlib objects, and the PNG/PDF files they are saved as."""
+import io
 import re
 
 import matplotlib
@@ -9,7 +10,7 @@ from matplotlib.text import Text
 from PIL import Image
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.evaluation.figures import (DPI, FULL_WIDTH, MIN_FONT_PT, build_figures, comparison_grid,
+from cpds_exp.evaluation.figures import (DPI, FULL_WIDTH, MIN_FONT_PT, STYLE, build_figures, comparison_grid,
                                          lr_ablation, palette, selector_accuracy, tradeoff, write_figures)
 from cpds_exp.evaluation.frame import ci95, records_frame, rounds_frame
 from cpds_exp.evaluation.report import scan_records
@@ -39,6 +40,15 @@ def texts(figure):
 def small_texts(figure):
     return [(t.get_text(), t.get_fontsize()) for t in figure.findobj(Text)
             if t.get_visible() and t.get_text() and t.get_fontsize() < MIN_FONT_PT]
+
+
+def fits(figure):
+    """Whether the rendered figure has a blank border: nothing drawn (text, legend, image) is cut."""
+    buffer = io.BytesIO()
+    with matplotlib.rc_context(STYLE):
+        figure.savefig(buffer, format="png", dpi=100)
+    pixels = np.asarray(Image.open(buffer).convert("L"))
+    return all((edge == 255).all() for edge in (pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]))
 
 
 def methods_sweep(tmp_path, images=("cat0", "cat1")):
@@ -107,7 +117,7 @@ def test_lr_ablation_band_is_the_95_ci_over_edits(tmp_path):
         assert at.min() == pytest.approx(np.mean(vs) - ci95(vs)) and at.max() == pytest.approx(np.mean(vs) + ci95(vs))
     [line] = figure.axes[0].get_lines()
     assert list(line.get_ydata()) == pytest.approx([np.mean(values[0.1]), np.mean(values[0.8])])
-    assert [t.get_text() for t in figure.axes[0].get_legend().get_texts()] == ["mean (n = 3, 1 diverged excluded)"]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["mean (n = 3, 1 diverged excluded)"]
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["0.1", "0.8"]
 
 
@@ -148,8 +158,9 @@ def test_selector_accuracy_ticks_band_n_and_majority_line(tmp_path):
     assert majority[0].get_zorder() > max(line.get_zorder() for line in figure.axes[0].get_lines()[:-1])
     balanced_majority = figure.axes[1].get_lines()[-1]
     assert list(balanced_majority.get_ydata()) == [0.5, 0.5]
-    legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert legend == ["Meta-learner (n = 3 edits)", "KNN (n = 2 edits)", "majority class (0.80)"]
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["Meta-learner (n = 3 edits)", "KNN (n = 2 edits)", "majority class: accuracy 0.80",
+                      "majority class: balanced accuracy 0.50"]
     knn = next(line for line in figure.axes[0].get_lines() if line.get_label().startswith("KNN"))
     assert list(knn.get_xdata()) == [2, 3] and list(knn.get_ydata()) == pytest.approx([0.7, 0.8])
     band = figure.axes[0].collections[1].get_paths()[0].vertices  # KNN's, drawn second
@@ -168,14 +179,15 @@ def test_tradeoff_has_every_edit_and_means_with_ci_in_both_directions(tmp_path):
     lpips = {"dds": [0.30, 0.20, 0.40], "cpds": [0.10, 0.12]}
     edits = [dict(image=f"c{i}", method=m, clip=c, lpips=lp) for m in clip for i, (c, lp) in
              enumerate(zip(clip[m], lpips[m]))]
-    frame, _ = sweep(tmp_path, edits + [dict(image="c9", method="cpds", status="diverged")])
+    diverged = [dict(image="c9", method=m, status="diverged") for m in ("cpds", "pds")]
+    frame, _ = sweep(tmp_path, edits + diverged)
     figure = tradeoff(frame, "method", palette(frame, "method"), "cat → dog")
     [axis] = figure.axes
     assert (axis.get_xlabel(), axis.get_ylabel()) == ("CLIP ↑", "LPIPS ↓")
     assert [len(c.get_offsets()) for c in axis.collections if c.get_offsets().shape[0] > 0
             and type(c).__name__ == "PathCollection"] == [3, 2]
-    legend = [t.get_text() for t in axis.get_legend().get_texts()]
-    assert legend == ["DDS (n = 3)", "CPDS (n = 2, 1 diverged excluded)"]
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend == ["DDS (n = 3)", "PDS: 1 diverged, none finished", "CPDS (n = 2, 1 diverged excluded)"]
     dds = axis.containers[0]
     (x_bars, y_bars) = dds.lines[2]
     [[(x0, y0), (x1, _)]] = x_bars.get_segments()
@@ -187,10 +199,11 @@ def test_tradeoff_has_every_edit_and_means_with_ci_in_both_directions(tmp_path):
 
 def test_a_single_edit_has_a_mean_and_no_bars(tmp_path):
     frame, _ = sweep(tmp_path, [dict(image="a", method="cpds", clip=0.2, lpips=0.1)])
-    [axis] = tradeoff(frame, "method", palette(frame, "method")).axes
+    figure = tradeoff(frame, "method", palette(frame, "method"))
+    [axis] = figure.axes
     [mean] = axis.containers
     assert mean.has_xerr is False and mean.has_yerr is False
-    assert [t.get_text() for t in axis.get_legend().get_texts()] == ["CPDS (n = 1)"]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["CPDS (n = 1)"]
 
 
 def pdf_pages(path):
@@ -202,7 +215,8 @@ def test_write_figures_saves_png_at_column_width_and_one_page_vector_pdfs(tmp_pa
     paths = write_figures(frame, rounds, tmp_path / "report", "selector", dpi=100)
     assert list(paths) == ["grid/cat2dog", "tradeoff/cat2dog", "selector_accuracy"]
     for key, (png, pdf) in paths.items():
-        assert (png, pdf) == (tmp_path / "report" / "figures" / f"{key}.png", tmp_path / "report" / "figures" / f"{key}.pdf")
+        stem = tmp_path / "report" / "figures" / key
+        assert (png, pdf) == (stem.with_name(f"{stem.name}.png"), stem.with_name(f"{stem.name}.pdf"))
         width, _ = Image.open(png).size
         assert width <= FULL_WIDTH * 100
         assert pdf.read_bytes().startswith(b"%PDF") and pdf_pages(pdf) == 1
@@ -214,13 +228,18 @@ def test_write_figures_saves_png_at_column_width_and_one_page_vector_pdfs(tmp_pa
         assert [p.read_bytes() for p in again[key]] == [p.read_bytes() for p in paths[key]]
 
 
-def test_no_text_under_7_pt_and_global_style_untouched(tmp_path):
+def test_no_text_under_7_pt_or_cut_off_and_global_style_untouched(tmp_path):
     before = dict(matplotlib.rcParams)
-    _, frame, rounds = rounds_sweep(tmp_path)
+    _, frame, rounds = rounds_sweep(tmp_path / "selectors")
     figures = dict(build_figures(frame, rounds, "selector"))
-    assert len(figures) == 3
+    lr_frame, _ = sweep(tmp_path / "methods", [dict(image=f"c{i}", method=m, lr=lr, clip=0.2 + i / 100, lpips=0.1, task="cat2pig",
+                                                    status="diverged" if i == 3 else "done")
+                                               for m in ("dds", "cds", "pds", "cpds", "cds_matched")
+                                               for lr in (0.1, 0.8) for i in range(4)])
+    figures.update(build_figures(lr_frame, rounds_frame([]), "method"))
+    assert len(figures) == 3 + 3
     for key, figure in figures.items():
-        assert small_texts(figure) == [], key
+        assert small_texts(figure) == [] and fits(figure), key
     assert dict(matplotlib.rcParams) == before
     assert DPI * FULL_WIDTH >= 1200  # the default PNG prints sharp at full text width
 

@@ -100,6 +100,11 @@ def count_label(name: str, counts: Iterable[int], diverged: int = 0) -> str:
     return f"{name} ({n}" + (f", {diverged} diverged excluded)" if diverged else ")")
 
 
+def legend_below(figure: Figure, handles: list[Any], columns: int = 2) -> None:
+    """One legend for the figure, in the order given, under its axes: it never hides a point or a band."""
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), columns), frameon=False)
+
+
 def has_metrics(frame: pd.DataFrame) -> bool:
     done = frame[frame["status"] == "done"]
     return any(metric in done.columns and done[metric].notna().any() for metric in METRICS)
@@ -180,7 +185,7 @@ def comparison_grid(frame: pd.DataFrame, by: str, title: str | None = None, max_
     if not per_row:
         shared = prompt_text(*pairs.iloc[0])
         title = f"{title}: {shared}" if title else shared
-    title = textwrap.fill(title or "All edits", 95)
+    title = textwrap.fill(title or "All edits", 90)
     rows = grid_rows(frame, by, max_images, per_row)
 
     columns = len(values) + 1
@@ -222,15 +227,16 @@ def lr_ablation(frame: pd.DataFrame, by: str, colours: dict[Any, Any], title: st
     figure = Figure(figsize=(FULL_WIDTH, 2.6), layout="constrained")
     figure.suptitle(f"{title or 'All edits'}: learning-rate ablation (mean and 95% CI over edits)")
     axes = figure.subplots(1, len(METRICS))
-    lines = groups(table, hue) if hue else [(None, table)]
-    for value, rows in lines:
+    handles = []
+    for value, rows in groups(table, hue) if hue else [(None, table)]:
         name = display_name(hue, value) if hue else "mean"
         colour = colours.get(value, "C0") if hue else "C0"
         label = count_label(name, rows["n"], int(rows["n_diverged"].sum()))
         for axis, metric in zip(axes, METRICS):
             mean, half = rows[metric].to_numpy(float), rows[f"{metric}_ci"].to_numpy(float)
-            axis.plot(rows["lr"], mean, marker="o", color=colour, label=label)
+            [line] = axis.plot(rows["lr"], mean, marker="o", color=colour, label=label)
             axis.fill_between(rows["lr"], mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
+        handles.append(line)
     rates = sorted(table["lr"].unique())
     for axis, metric in zip(axes, METRICS):
         axis.set_xscale("log")
@@ -238,7 +244,7 @@ def lr_ablation(frame: pd.DataFrame, by: str, colours: dict[Any, Any], title: st
         axis.xaxis.set_minor_locator(NullLocator())
         axis.set_xlabel("learning rate")
         axis.set_ylabel(METRIC_LABELS[metric])
-    axes[0].legend()
+    legend_below(figure, handles)
     return figure
 
 
@@ -265,25 +271,27 @@ def selector_accuracy(rounds: pd.DataFrame) -> Figure | None:
     figure.suptitle("Selector accuracy on patches not yet trained on (mean and 95% CI over edits)")
     axes = figure.subplots(1, len(ACCURACIES), sharey=True)
     colours = palette(measured, "selector")
+    handles = []
     for selector, rows in groups(measured, "selector"):
         label = f"{display_name('selector', selector)} (n = {rows['fingerprint'].nunique()} edits)"
         for axis, metric in zip(axes, ACCURACIES):
             stats = rows.groupby("round")[metric].agg(["mean", ci95])
-            axis.plot(stats.index, stats["mean"], marker="o", color=colours[selector], label=label)
+            [line] = axis.plot(stats.index, stats["mean"], marker="o", color=colours[selector], label=label)
             axis.fill_between(stats.index, stats["mean"] - stats["ci95"], stats["mean"] + stats["ci95"],
                               color=colours[selector], alpha=0.2, linewidth=0)
+        handles.append(line)
     majority = majority_accuracy(measured)
     for axis, (metric, name) in zip(axes, ACCURACIES.items()):
         if majority is not None:  # a majority-class guess scores max(p, 1 − p); its balanced accuracy is 0.5
             level = majority if metric == "accuracy" else 0.5
-            axis.axhline(level, color="black", linestyle=":", linewidth=1.2, zorder=10,
-                         label=f"majority class ({level:.2f})")
+            handles.append(axis.axhline(level, color="black", linestyle=":" if metric == "accuracy" else "--",
+                                        linewidth=1.2, zorder=10, label=f"majority class: {name.lower()} {level:.2f}"))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylim(0, 1)
         axis.set_title(name)
         axis.set_xlabel("training round")
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="lower right")
+    legend_below(figure, handles)
     return figure
 
 
@@ -295,22 +303,28 @@ def tradeoff(frame: pd.DataFrame, by: str, colours: dict[Any, Any], title: str |
     done = frame[frame["status"] == "done"].dropna(subset=[m for m in METRICS if m in frame.columns])
     if done.empty or not all(m in done.columns for m in METRICS):
         return None
-    figure = Figure(figsize=(COLUMN_WIDTH, 3.0), layout="constrained")
+    table = aggregate(frame, [by]).to_dict("records")
+    # one legend line per value under a square plot: a single column's width holds no more
+    figure = Figure(figsize=(COLUMN_WIDTH, COLUMN_WIDTH + 0.15 * len(table)), layout="constrained")
     axis = figure.subplots()
     for value, rows in groups(done, by):
         axis.scatter(rows["clip"], rows["lpips"], s=8, alpha=0.35, color=colours.get(value), linewidths=0)
-    for stats in aggregate(frame, [by]).to_dict("records"):
+    handles = []
+    for stats in table:
         if pd.isna(stats["clip"]) or pd.isna(stats["lpips"]):
+            if stats["n_diverged"]:  # nothing to plot, but the reader should know why
+                note = f"{display_name(by, stats[by])}: {stats['n_diverged']} diverged, none finished"
+                handles += axis.plot([], [], " ", label=note)
             continue
         error = {f"{axis_name}err": None if pd.isna(stats[f"{metric}_ci"]) else stats[f"{metric}_ci"]
                  for axis_name, metric in zip("xy", METRICS)}
-        axis.errorbar(stats["clip"], stats["lpips"], **error, fmt="o", markersize=5, capsize=2,
+        handles.append(axis.errorbar(stats["clip"], stats["lpips"], **error, fmt="o", markersize=5, capsize=2,
                       color=colours.get(stats[by]), markeredgecolor="black", markeredgewidth=0.6, zorder=5,
-                      label=count_label(display_name(by, stats[by]), [stats["n"]], stats["n_diverged"]))
+                      label=count_label(display_name(by, stats[by]), [stats["n"]], stats["n_diverged"])))
     axis.set_xlabel(METRIC_LABELS["clip"])
     axis.set_ylabel(METRIC_LABELS["lpips"])
     axis.set_title(f"{title or 'All edits'}: means and 95% CI")
-    axis.legend()
+    legend_below(figure, handles, columns=1)
     return figure
 
 
