@@ -10,7 +10,7 @@ from matplotlib.text import Text
 from PIL import Image
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.evaluation.figures import (DPI, FULL_WIDTH, MIN_FONT_PT, STYLE, build_figures, comparison_grid,
+from cpds_exp.evaluation.figures import (FULL_WIDTH, MAX_IMAGES, MIN_FONT_PT, STYLE, build_figures, comparison_grid,
                                          lr_ablation, palette, selector_accuracy, tradeoff, write_figures)
 from cpds_exp.evaluation.frame import ci95, records_frame, rounds_frame
 from cpds_exp.evaluation.report import scan_records
@@ -76,13 +76,24 @@ def test_grid_has_a_tile_per_image_and_value_titled_with_task_prompts_and_displa
 
 def test_grid_is_capped_and_puts_prompts_per_row_when_they_differ(tmp_path):
     edits = [dict(image=f"img{i}", method=m, source_prompt=f"a cat {i}", target_prompt=f"a dog {i}", task=None,
-                  clip=0.3, lpips=0.2) for i in range(3) for m in ("dds", "cpds")]
+                  clip=0.3, lpips=0.2) for i in range(MAX_IMAGES + 1) for m in ("dds", "cpds")]
     frame, _ = sweep(tmp_path, edits)
+    assert len(comparison_grid(frame, "method").axes) == MAX_IMAGES * 3
     figure = comparison_grid(frame, "method", max_images=2)
     assert len(figure.axes) == 2 * 3
     assert figure.get_suptitle() == "All edits"
     labels = [" ".join(axis.get_ylabel().split()) for axis in figure.axes[::3]]
     assert labels == ["img0: 'a cat 0' → 'a dog 0'", "img1: 'a cat 1' → 'a dog 1'"]
+
+
+def test_missing_or_damaged_files_are_grey_tiles_saying_so(tmp_path):
+    frame, _ = sweep(tmp_path, [dict(image="a", method=m, clip=0.3, lpips=0.2) for m in ("dds", "cds")])
+    (tmp_path / "job0" / "result.png").write_bytes(b"not a png")  # DDS's
+    for folder in ("job0", "job1"):
+        (tmp_path / folder / "source.png").unlink()
+    figure = comparison_grid(frame, "method")
+    assert [[t.get_text() for t in axis.texts] for axis in figure.axes] == [["source missing"], ["result missing"], []]
+    assert not figure.axes[1].get_images() and figure.axes[2].get_images()
 
 
 def test_a_sweep_without_tasks_gets_one_grid_named_all_and_no_none(tmp_path):
@@ -206,6 +217,11 @@ def test_a_single_edit_has_a_mean_and_no_bars(tmp_path):
     assert [t.get_text() for t in figure.legends[0].get_texts()] == ["CPDS (n = 1)"]
 
 
+def png_width(path):
+    with Image.open(path) as image:
+        return image.width
+
+
 def pdf_pages(path):
     return len(re.findall(rb"/Type\s*/Page\b", path.read_bytes()))
 
@@ -217,11 +233,10 @@ def test_write_figures_saves_png_at_column_width_and_one_page_vector_pdfs(tmp_pa
     for key, (png, pdf) in paths.items():
         stem = tmp_path / "report" / "figures" / key
         assert (png, pdf) == (stem.with_name(f"{stem.name}.png"), stem.with_name(f"{stem.name}.pdf"))
-        width, _ = Image.open(png).size
-        assert width <= FULL_WIDTH * 100
+        assert png_width(png) <= FULL_WIDTH * 100
         assert pdf.read_bytes().startswith(b"%PDF") and pdf_pages(pdf) == 1
         assert b"/Font" in pdf.read_bytes()  # text stays text (vector), not pixels
-    assert Image.open(paths["grid/cat2dog"][0]).size[0] == FULL_WIDTH * 100
+    assert png_width(paths["grid/cat2dog"][0]) == FULL_WIDTH * 100
     assert not list((tmp_path / "report").rglob("*.tmp"))
     again = write_figures(frame, rounds, tmp_path / "again", "selector", dpi=100)
     for key in paths:  # same inputs, same bytes
@@ -241,7 +256,6 @@ def test_no_text_under_7_pt_or_cut_off_and_global_style_untouched(tmp_path):
     for key, figure in figures.items():
         assert small_texts(figure) == [] and fits(figure), key
     assert dict(matplotlib.rcParams) == before
-    assert DPI * FULL_WIDTH >= 1200  # the default PNG prints sharp at full text width
 
 
 def test_bad_options_name_the_fix(tmp_path):

@@ -30,6 +30,8 @@ from cpds_exp.results import write_atomically
 FULL_WIDTH = 7.0
 COLUMN_WIDTH = 3.4
 DPI = 200
+#: images per grid: five rows of five columns fill a page at full text width
+MAX_IMAGES = 5
 #: a tile's longest side in pixels: sharp at print size (~290 dpi on a 5-column grid), PDFs stay small
 TILE_PIXELS = 384
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -174,7 +176,7 @@ def grid_rows(frame: pd.DataFrame, by: str, max_images: int, per_row_prompts: bo
 
 
 @styled
-def comparison_grid(frame: pd.DataFrame, by: str, title: str | None = None, max_images: int = 8,
+def comparison_grid(frame: pd.DataFrame, by: str, title: str | None = None, max_images: int = MAX_IMAGES,
                     width: float = FULL_WIDTH) -> Figure:
     """Rows of images (the first ``max_images`` by name), columns "Source" then each value of ``by``
     (DDS, CDS, PDS, CPDS). The title names the task and its prompts; when prompts differ between
@@ -330,7 +332,7 @@ def tradeoff(frame: pd.DataFrame, by: str, colours: dict[Any, Any], title: str |
 
 # --- all of them --------------------------------------------------------------------------------
 def build_figures(frame: pd.DataFrame, rounds: pd.DataFrame, by: str,
-                  max_images: int = 8) -> Iterator[tuple[str, Figure]]:
+                  max_images: int = MAX_IMAGES) -> Iterator[tuple[str, Figure]]:
     """(key, figure) for every figure the sweep's data allows, one at a time: "grid/<task>",
     "lr_ablation/<task>", "tradeoff/<task>", "selector_accuracy"."""
     if max_images < 1:
@@ -351,8 +353,8 @@ def build_figures(frame: pd.DataFrame, rounds: pd.DataFrame, by: str,
         yield "selector_accuracy", figure
 
 
-def write_figures(frame: pd.DataFrame, rounds: pd.DataFrame, out: str | Path, by: str, max_images: int = 8,
-                  dpi: int = DPI) -> dict[str, list[Path]]:
+def write_figures(frame: pd.DataFrame, rounds: pd.DataFrame, out: str | Path, by: str,
+                  max_images: int = MAX_IMAGES, dpi: int = DPI) -> dict[str, list[Path]]:
     """Every figure of :func:`build_figures` as ``out/figures/<key>.png`` and ``.pdf``; returns the
     paths by key."""
     return {key: save_figure(figure, Path(out) / "figures" / key, dpi)
