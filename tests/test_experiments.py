@@ -42,7 +42,7 @@ def test_experiment_sweep_and_report(tmp_path, photos, experiment, rows, values,
     published = experiment.endswith("_published")
     assert {r["metrics_protocol"] for r in report["records"]} == {"published" if published else "corrected"}
     for task in columns:
-        assert (sweep / "report" / "grids" / f"{task}.png").is_file()
+        assert (sweep / "report" / "figures" / "grid" / f"{task}.png").is_file()
     assert (report["accuracy_plot"] is not None) == (experiment.startswith("table2") or experiment == "selector_accuracy")
     if experiment.startswith("table1"):  # the paper's DDS cat2dog CLIP, only beside the published protocol
         assert ("paper CLIP" in report["markdown"]) == published

@@ -7,8 +7,6 @@ aggregates, rendered by :mod:`cpds_exp.evaluation.tables`.
 """
 from __future__ import annotations
 
-import io
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,12 +15,13 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from cpds_exp.errors import CpdsError
+from cpds_exp.evaluation.figures import write_figures
 from cpds_exp.evaluation.frame import (METRICS, aggregate, in_order, infer_rows, none_for_missing, ordered,
                                        records_frame, rounds_frame, varying)
 from cpds_exp.evaluation.tables import (PROTOCOL, differences_markdown, display_frame, latex_table,
                                         markdown_table, write_csv, write_parquet)
 from cpds_exp.records import load_record
-from cpds_exp.results import save_image, write_text
+from cpds_exp.results import write_text
 
 #: The paper's Table 1 (CLIP ↑, LPIPS ↓; mean over 250 cats) and Table 2 (CDS, cat → pig, one image).
 PAPER_TABLE1 = {
@@ -160,67 +159,6 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image | None]], column_labels: S
     return grid
 
 
-def _image(record: dict[str, Any], name: str) -> Image.Image | None:
-    path = Path(record["_dir"]) / f"{name}.png"
-    return Image.open(path) if path.is_file() else None
-
-
-def comparison_grids(records: Sequence[dict[str, Any]], by: str = "method",
-                     max_images: int = 8) -> dict[str, Image.Image]:
-    """Per task: rows of images, columns source then each ``by`` value (e.g. DDS, CDS, PDS, CPDS)."""
-    done = [r for r in records if r.get("status") == "done"]
-    grids = {}
-    for task in ordered({r.get("task") for r in done}, "task"):
-        in_task = [r for r in done if r.get("task") == task]
-        values = ordered({r.get(by) for r in in_task}, by)
-        images = sorted({r["image"] for r in in_task})[:max_images]
-        rows = []
-        for image in images:
-            mine = {r.get(by): r for r in in_task if r["image"] == image}
-            first = next(iter(mine.values()))
-            rows.append([_image(first, "source")] + [_image(mine[v], "result") if v in mine else None for v in values])
-        grids[str(task)] = labelled_grid(rows, ["source", *[f"{by}={v}" for v in values]], images)
-    return grids
-
-
-def accuracy_plot(records: Sequence[dict[str, Any]], path: str | Path) -> bool:
-    """Selector accuracy and balanced accuracy per training round (mean over edits); False if no rounds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[str, dict[int, list[tuple[float, float | None, float | None]]]] = defaultdict(lambda: defaultdict(list))
-    for record in records:
-        for r in record.get("selector_rounds") or []:
-            if r.get("accuracy") is not None:
-                curves[record.get("selector")][r["round"]].append((r["accuracy"], r.get("balanced_accuracy"),
-                                                                    r.get("positive_rate")))
-    if not curves:
-        return False
-    figure, axis = plt.subplots(figsize=(7, 4.2))
-    for selector in ordered(curves, "selector"):
-        rounds = sorted(curves[selector])
-        accuracy = [sum(v[0] for v in curves[selector][k]) / len(curves[selector][k]) for k in rounds]
-        balanced = [sum(v[1] for v in curves[selector][k]) / len(curves[selector][k]) for k in rounds]
-        line, = axis.plot(rounds, accuracy, marker="o", label=f"{selector} accuracy")
-        axis.plot(rounds, balanced, linestyle="--", color=line.get_color(), label=f"{selector} balanced")
-    rates = [v[2] for c in curves.values() for vs in c.values() for v in vs if v[2] is not None]
-    if rates:
-        axis.axhline(max(sum(rates) / len(rates), 1 - sum(rates) / len(rates)), color="grey", linestyle=":",
-                     label="majority class")
-    axis.set_xlabel("training round (measured before training on that round's data)")
-    axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    save_image(path, Image.open(buffer))
-    return True
-
-
 def report_markdown(text: pd.DataFrame, best: pd.DataFrame, with_paper: bool, differences: str,
                     unreadable: Sequence[Path]) -> str:
     """table.md: the table, its legend, the paper's caveat when its numbers are shown, the paired
@@ -251,7 +189,8 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
     """Read every edit under ``sweep_dir`` into one frame and write into ``<sweep>/report``:
     records.csv and records.parquet (one line per edit), table.csv (one line per row value,
     protocol and column value, full precision), table.md and table.tex (the display table),
-    differences.csv, the comparison grids and the accuracy plot."""
+    differences.csv, and the figures (``figures/``: per task a comparison grid, a CLIP–LPIPS trade-off
+    and, when lr varies, the lr ablation; the selector accuracy)."""
     records, unreadable = scan_records(sweep_dir)
     if not records:
         raise CpdsError(f"no edit records (summary.json) under {sweep_dir}: run a sweep first "
@@ -279,12 +218,11 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
              "table.md": write_text(out / "table.md", markdown),
              "table.tex": write_text(out / "table.tex", latex),
              "differences.csv": write_csv(out / "differences.csv", differences)}
-    grids = comparison_grids(records, by=rows)
-    for task, grid in grids.items():
-        save_image(out / "grids" / f"{task}.png", grid)
-    has_accuracy = accuracy_plot(records, out / "accuracy.png")
+    rounds = rounds_frame(records)
+    figures = write_figures(frame, rounds, out, rows)
     counts = {status: int(n) for status, n in frame["status"].value_counts().items()}
-    return {"records": records, "frame": frame, "rounds": rounds_frame(records), "rows": rows, "columns": columns,
-            "table": table, "differences": differences, "markdown": markdown, "latex": latex, "grids": grids,
-            "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": counts, "out": out,
+    return {"records": records, "frame": frame, "rounds": rounds, "rows": rows, "columns": columns,
+            "table": table, "differences": differences, "markdown": markdown, "latex": latex, "figures": figures,
+            "grids": {key.partition("/")[2]: paths[0] for key, paths in figures.items() if key.startswith("grid/")},
+            "accuracy_plot": figures["selector_accuracy"][0] if "selector_accuracy" in figures else None, "counts": counts, "out": out,
             "unreadable": unreadable, "files": files, "sweep_name": sweep_name(records, sweep_dir)}
