@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
+from cpds_exp.evaluation.frame import records_frame
+from cpds_exp.evaluation.gallery import write_gallery
 from cpds_exp.records import load_record
 from cpds_exp.results import csv_text, save_image, write_text
 
@@ -348,6 +350,7 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
     counts = defaultdict(int)
     for record in records:
         counts[record.get("status", "unknown")] += 1
+    write_gallery(records_frame(records), out)  # report/index.html
     return {"records": records, "rows": rows, "table": table, "differences": differences, "markdown": markdown,
             "grids": grids,
             "accuracy_plot": out / "accuracy.png" if has_accuracy else None, "counts": dict(counts), "out": out,
