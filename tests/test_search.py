@@ -43,12 +43,14 @@ def test_mean_scores_count_only_finished_edits():
     records = [{"status": "done", "clip": 0.5, "lpips": 0.25}, {"status": "done", "clip": 0.25, "lpips": 0.75},
                {"status": "diverged", "clip": None, "lpips": None}, {"status": "skipped"}]
     assert mean_scores(records) == {"clip": 0.375, "lpips": 0.5}
-    assert all(math.isnan(v) for v in mean_scores(records[2:]).values())  # nothing finished: a failed trial
+    assert all(math.isnan(v) for v in mean_scores(records[2:]).values())  # nothing finished
 
 
 def test_job_objective_needs_metrics_only_under_an_optimising_sweeper(compose_config):
     records = [{"status": "done", "clip": 0.75, "lpips": 0.25}]
     assert job_objective(compose_config("metrics=random"), OPTUNA)(records) == 0.5
+    diverged = [{"status": "diverged", "clip": None, "lpips": None}]
+    assert job_objective(compose_config("metrics=random"), OPTUNA)(diverged) is None  # a failed trial, not NaN
     assert job_objective(compose_config("metrics=random", "objective=clip"), BASIC_SWEEPER)(records) == 0.75
     no_metrics = compose_config("metrics=none")
     assert job_objective(no_metrics, BASIC_SWEEPER)(records) is None  # a plain run or grid sweep: fine
@@ -99,6 +101,8 @@ def test_lr_search_runs_optuna_trials_and_reports_the_best(tmp_path):
 
 
 def test_a_failed_trial_fails_the_search_after_the_other_trials(tmp_path):
+    """The failed job returns None, as a job whose edits all diverged does: Optuna records a failed
+    trial and goes on; the sweep's FAILED files then end it with status 2."""
     sweep = tmp_path / "search"
     proc = run_py(*TRIALS, "lr=choice(-1.0,0.5)", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir())

@@ -77,12 +77,16 @@ def mean_scores(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def job_objective(cfg: DictConfig, sweeper: str | None) -> Callable[[Sequence[Mapping[str, Any]]], float | None]:
-    """What a job returns from its records: the objective of their mean scores, NaN when no edit
-    finished with scores (optimisers record a failed trial), None without metrics. Checked at once,
-    before any model loads: a bad expression, or ``metrics=none`` under a sweeper that optimises."""
+    """What a job returns from its records: the objective of their mean scores, or None when there is
+    none (no edit finished with scores, a division by zero, no metrics): Optuna's sweeper records a
+    failed trial for None and goes on (a NaN would stop it). Checked at once, before any model loads:
+    a bad expression, or ``metrics=none`` under a sweeper that optimises."""
     objective = compile_objective(cfg.objective)
     if cfg.metrics.enabled:
-        return lambda records: objective(mean_scores(records))
+        def value(records: Sequence[Mapping[str, Any]]) -> float | None:
+            result = objective(mean_scores(records))
+            return None if math.isnan(result) else result
+        return value
     if sweeper and sweeper != BASIC_SWEEPER:
         raise CpdsError(f"objective={cfg.objective!r} needs CLIP and LPIPS but metrics=none computes neither: "
                         "use metrics=default (or metrics=random for a dry run) with this sweeper")
