@@ -102,17 +102,20 @@ def main() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_main(cfg: DictConfig) -> None:
-    """One run or one job of a sweep. A failed job of a sweep leaves a FAILED file and the others go on."""
-    from cpds_exp.app import run
+def hydra_main(cfg: DictConfig) -> float | None:
+    """One run or one job of a sweep; returns the job's ``objective`` (what Optuna's sweeper
+    optimises). A failed job of a sweep leaves a FAILED file and the others go on."""
+    from cpds_exp.evaluation.objective import job_objective
 
     hydra_cfg = HydraConfig.get()
+    objective = job_objective(cfg, hydra_cfg.sweeper.get("_target_"))  # checked before torch and models load
+    from cpds_exp.app import run
     sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
     if sweep_job:
         follow_sweep_process(hydra_cfg.launcher.get("_target_", ""))
     marker = Path(hydra_cfg.runtime.output_dir) / FAILED_MARKER
     try:
-        run(cfg, hydra_cfg.runtime.output_dir)
+        records = run(cfg, hydra_cfg.runtime.output_dir)
     except Exception as err:
         message = fault_message(err)
         if message is None:
@@ -126,6 +129,7 @@ def hydra_main(cfg: DictConfig) -> None:
         return
     if sweep_job:
         marker.unlink(missing_ok=True)
+    return objective(records)
 
 
 def write_failed_marker(marker: Path, message: str) -> None:

@@ -316,6 +316,8 @@ class AppConfig:
     shard: int = neutral(0)                          # ... and edit this one (shard='range(N)' covers all)
     force: bool = neutral(False)                     # recompute edits that are already finished
     claim_timeout_h: Optional[float] = neutral(24.0)  # a claim held longer is taken over
+    objective: str = neutral("clip - lpips")         # what a job returns to a sweeper that optimises (Optuna):
+                                                     # + - * / of numbers and the job's mean clip and lpips
     seed: int = 0
     lr: Optional[float] = None                       # null: the method's published lr (method.lr)
     iterations: int = 200

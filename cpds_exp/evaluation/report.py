@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 
 from cpds_exp.errors import CpdsError
 from cpds_exp.evaluation.figures import write_figures
+from cpds_exp.evaluation.gallery import write_gallery
 from cpds_exp.evaluation.frame import (METRICS, aggregate, in_order, infer_rows, none_for_missing, ordered,
                                        records_frame, rounds_frame, varying)
 from cpds_exp.evaluation.tables import (PROTOCOL, differences_markdown, display_frame, latex_table,
@@ -220,9 +221,11 @@ def build_report(sweep_dir: str | Path, rows: str | None = None, columns: str = 
              "differences.csv": write_csv(out / "differences.csv", differences)}
     rounds = rounds_frame(records)
     figures = write_figures(frame, rounds, out, rows)
+    gallery = write_gallery(frame, out)  # report/index.html
     counts = {status: int(n) for status, n in frame["status"].value_counts().items()}
     return {"records": records, "frame": frame, "rounds": rounds, "rows": rows, "columns": columns,
             "table": table, "differences": differences, "markdown": markdown, "latex": latex, "figures": figures,
             "grids": {key.partition("/")[2]: paths[0] for key, paths in figures.items() if key.startswith("grid/")},
-            "accuracy_plot": figures["selector_accuracy"][0] if "selector_accuracy" in figures else None, "counts": counts, "out": out,
-            "unreadable": unreadable, "files": files, "sweep_name": sweep_name(records, sweep_dir)}
+            "accuracy_plot": figures["selector_accuracy"][0] if "selector_accuracy" in figures else None,
+            "counts": counts, "out": out,
+            "unreadable": unreadable, "files": {**files, "index.html": gallery}, "sweep_name": sweep_name(records, sweep_dir)}
