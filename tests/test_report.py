@@ -8,8 +8,6 @@ from PIL import Image
 
 from cpds_exp.records import EditRecord
 from cpds_exp.evaluation.report import attach_paper, build_report, infer_rows, mean_and_sem, summarise, to_markdown
-from cpds_exp.evaluation.wandb_report import build_dashboard, log_report
-from wandb_offline import finished_run_file, read_run
 
 
 #: what every fake record shares
@@ -101,25 +99,6 @@ def test_paired_differences_against_the_baseline(tmp_path):
 
     assert paired_bootstrap([0.5]) == (0.5, None, None)  # one image: a mean, no interval
     assert (tmp_path / "report" / "differences.csv").read_text().startswith("method,task,protocol,baseline")
-
-
-def test_report_goes_to_wandb_as_a_table(tmp_path):
-    write_records(tmp_path, [dict(image="a", method=m, task="cat2dog", clip=0.2, lpips=0.1) for m in ("dds", "cds")])
-    report = build_report(tmp_path)
-    log_report(report, "fake", mode="offline", run_dir=str(tmp_path))
-    logged = read_run(finished_run_file(tmp_path))  # log_report ran W&B in this process
-    keys = set().union(*logged["history"])
-    assert "table/_type" in keys and "grid/cat2dog/_type" in keys and "differences/_type" in keys
-    assert logged["config"]["sweep_name"] == "fake"
-
-
-def test_dashboard_is_built_offline():
-    dashboard = build_dashboard("table1", project="cpds-exp", entity="someone")
-    titles = [getattr(b, "text", None) for b in dashboard.blocks]
-    assert "cat2pig" in titles and dashboard.title == "cpds-exp table1"
-    grids = [b for b in dashboard.blocks if type(b).__name__ == "PanelGrid"]
-    assert len(grids) == 4
-    assert [p.title for p in grids[0].panels][:2] == ["cat2dog: CLIP score", "cat2dog: LPIPS"]
 
 
 def test_report_script(tmp_path, capsys, monkeypatch):
