@@ -84,7 +84,7 @@ def test_the_code_version_is_the_commit_and_marks_a_changed_checkout(tmp_path):
 def test_runs_are_silent_unless_verbose(tmp_path, capfd, monkeypatch, verbose):
     import wandb
 
-    monkeypatch.delenv("WANDB_SILENT")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
     wandb.teardown()  # W&B reads WANDB_SILENT when its service starts
     logger = WandbLogger(mode="offline", run_dir=str(tmp_path), verbose=verbose)
     logger.log_metrics({"iteration": 1, "t": 3})
