@@ -26,7 +26,7 @@ from cpds_exp.claims import claimed_batches
 from cpds_exp.data import EditItem, prepare_image, to_pil, unique_names
 from cpds_exp.editing.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
-from cpds_exp.loggers import RunLogger
+from cpds_exp.loggers import RunLogger, result_caption, snapshot_caption
 from cpds_exp.evaluation.metrics import Metrics, MetricsConfig, load_metrics
 from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
 from cpds_exp.editing.selector_training import summarise_rounds
@@ -322,17 +322,18 @@ def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit],
         loggers.append(build(cfg.logger, run_config=resolved, run_dir=str(row.out), run_name=run_name(cfg, row.item)))
 
     def on_log(b: int, values: dict[str, float]) -> None:
-        loggers[b].log_metrics(values, step=int(values[ITERATION]))
+        loggers[b].log_metrics(values)
 
     def on_selector_round(b: int, round_record: dict[str, Any]) -> None:
-        loggers[b].log_metrics({SELECTOR_ROUND.format(k): v for k, v in round_record.items() if v is not None},
-                               step=int(round_record[ITERATION]))
+        loggers[b].log_metrics({ITERATION: round_record[ITERATION], **{
+            SELECTOR_ROUND.format(k): v for k, v in round_record.items() if v is not None and k != ITERATION}})
 
     def on_snapshot(b: int, iteration: int, decoded: torch.Tensor) -> None:
         snapshot = to_pil(decoded.unsqueeze(0))[0]
         path = save_image(rows[b].out / "snapshots" / f"iter_{iteration:04d}.png", snapshot)
         snapshots[b].append(str(path.relative_to(rows[b].out)))
-        loggers[b].log_images({"snapshot": snapshot}, step=iteration)
+        loggers[b].log_image("snapshot", snapshot, iteration,
+                             snapshot_caption(iteration, rows[b].item.source_prompt, rows[b].item.target_prompt))
 
     start = time.perf_counter()
     result = editor.edit(images, [r.item.source_prompt for r in rows], [r.item.target_prompt for r in rows],
@@ -365,7 +366,7 @@ def edit_batch(editor: Editor, metrics: Metrics | None, rows: list[PendingEdit],
         save_image(row.out / "side_by_side.png", comparison)
         record.save(row.out)  # last: its presence marks the edit finished
         logger = loggers[b]
-        logger.log_images({"result": comparison}, step=cfg.iterations)
+        logger.log_image("result", comparison, cfg.iterations, result_caption(row_scores))
         logger.set_summary({"time_s": seconds, **{METRIC.format(k): v for k, v in row_scores.items() if v is not None},
                             **{FINAL.format(k): v for k, v in record.final.items()},
                             **{SELECTOR_MEAN.format(k): v for k, v in means.items() if v is not None}})

@@ -233,9 +233,10 @@ class WandbLoggerConfig(LoggerConfig):
     project: str = "cpds-exp"
     entity: Optional[str] = None
     mode: str = "auto"                     # auto, online, offline, disabled
-    group: Optional[str] = II("sweep_name")  # every run of a sweep in one W&B group
+    group: Optional[str] = II("sweep_name")  # every run of a sweep in one W&B group (null: the sweep folder's name)
     tags: list[str] = field(default_factory=list)
     job_type: Optional[str] = II("method.name")
+    verbose: bool = False                  # true: W&B prints its banner and run summary for every edit
 
 
 @dataclass

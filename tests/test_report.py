@@ -15,8 +15,6 @@ from scipy import stats
 from cpds_exp.errors import CpdsError
 from cpds_exp.records import EditRecord
 from cpds_exp.evaluation.report import PAPER_NOTE, build_report, paired_bootstrap, sweep_name
-from cpds_exp.evaluation.wandb_report import build_dashboard, log_report
-from wandb_offline import finished_run_file, read_run
 
 
 #: what every fake record shares
@@ -251,25 +249,6 @@ def test_unreadable_records_are_listed_and_the_group_falls_back_to_the_folder(tm
     monkeypatch.chdir(sweep)
     assert sweep_name(report["records"], ".") == "my_sweep"  # not "" for the current folder
     assert sweep_name([{"sweep_name": "table1"}], ".") == "table1"
-
-
-def test_report_goes_to_wandb_as_a_table(tmp_path):
-    write_records(tmp_path, [dict(image="a", method=m, task="cat2dog", clip=0.2, lpips=0.1) for m in ("dds", "cds")])
-    report = build_report(tmp_path)
-    log_report(report, "fake", mode="offline", run_dir=str(tmp_path))
-    logged = read_run(finished_run_file(tmp_path))  # log_report ran W&B in this process
-    keys = set().union(*logged["history"])
-    assert "table/_type" in keys and "grid/cat2dog/_type" in keys and "differences/_type" in keys
-    assert logged["config"]["sweep_name"] == "fake"
-
-
-def test_dashboard_is_built_offline():
-    dashboard = build_dashboard("table1", project="cpds-exp", entity="someone")
-    titles = [getattr(b, "text", None) for b in dashboard.blocks]
-    assert "cat2pig" in titles and dashboard.title == "cpds-exp table1"
-    grids = [b for b in dashboard.blocks if type(b).__name__ == "PanelGrid"]
-    assert len(grids) == 4
-    assert [p.title for p in grids[0].panels][:2] == ["cat2dog: CLIP score", "cat2dog: LPIPS"]
 
 
 def test_report_script(tmp_path, capsys, monkeypatch):

@@ -24,6 +24,7 @@ import json
 import struct
 from pathlib import Path
 
+from google.protobuf import json_format
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -76,12 +77,14 @@ def finished_run_file(folder: str | Path) -> Path:
 
 
 def read_run(path: str | Path) -> dict:
-    """{'history': [ {key: value} per step ], 'config': {...}, 'summary': {...}} of one finished offline run.
+    """{'history': [ {key: value} per step ], 'config': {...}, 'summary': {...}, 'run': {'group', 'job_type'},
+    'metrics': [ each define_metric as a dict ],
+    'artifacts': [ {'name', 'type', 'digest', 'aliases', 'files', 'staged'} ]} of one finished offline run.
 
     Fails if the file has no exit record yet (the W&B service is still writing it): get the path
     from ``finished_run_file``.
     """
-    history, config, summary = [], {}, {}
+    history, config, summary, run, metrics, artifacts = [], {}, {}, {}, [], []
     exited = False
     for payload in _payloads(Path(path).read_bytes()):
         record = wandb_internal_pb2.Record()
@@ -91,14 +94,25 @@ def read_run(path: str | Path) -> dict:
             history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.history.item})
         elif kind in ("config", "run"):
+            if kind == "run":
+                run = {"group": record.run.run_group, "job_type": record.run.job_type}
             updates = record.config.update if kind == "config" else record.run.config.update
             for item in updates:
                 config[item.key] = json.loads(item.value_json)
         elif kind == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "metric":
+            metrics.append(json_format.MessageToDict(record.metric, preserving_proto_field_name=True))
+        elif kind == "artifact":
+            artifacts.append({"name": record.artifact.name, "type": record.artifact.type,
+                              "digest": record.artifact.digest, "aliases": sorted(record.artifact.aliases),
+                              "files": sorted(entry.path for entry in record.artifact.manifest.contents),
+                              # where an offline run keeps each file until `wandb sync` uploads it
+                              "staged": {entry.path: entry.local_path for entry in record.artifact.manifest.contents}})
         elif kind == "exit":
             exited = True
     assert exited, (f"{path} has no exit record: W&B has not finished writing it "
                     "(read it via finished_run_file, or after the process that logged it has exited)")
-    return {"history": history, "config": config, "summary": summary}
+    return {"history": history, "config": config, "summary": summary, "run": run, "metrics": metrics,
+            "artifacts": artifacts}

@@ -208,8 +208,7 @@ class Editor:
             for b, record in stats.rounds.items():
                 state.rounds[b].append(record)
             snapshot_now = bool(s.snapshot_every) and it % s.snapshot_every == 0 and it != s.iterations
-            # W&B wants steps in order: flush the buffered iterations before anything else at this step
-            if it % s.log_every == 0 or it == s.iterations or stats.rounds or snapshot_now:
+            if it % s.log_every == 0 or it == s.iterations:
                 seconds = (time.perf_counter() - window_start) / len(pending)
                 final = self._flush(pending, seconds, callbacks)
                 pending, window_start = [], time.perf_counter()
