@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cpds_exp.config import build_terms, edit_settings, has_cut, selector_options, selector_training, validate
 from cpds_exp.claims import claimed_batches
-from cpds_exp.data import EditItem, prepare_image, to_pil, unique_names
+from cpds_exp.data import EditItem, prepare_image, task_in_use, to_pil, unique_names
 from cpds_exp.editing.editor import EditCallbacks, Editor
 from cpds_exp.errors import CpdsError
 from cpds_exp.loggers import RunLogger, result_caption, snapshot_caption
@@ -138,6 +138,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> list[dict[str, Any]]:
     if not items:
         raise CpdsError(f"shard {cfg.shard} of {cfg.num_shards} is empty: the dataset has fewer items than shards")
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    resolved["task"] = task_in_use(resolved)  # null unless the dataset reads it: as every record says
     write_text(output_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     device = resolve_device(job_device(cfg.device))
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")

@@ -2,38 +2,65 @@
 
 Every fault a user can meet ends in one line on stderr: bad input and faults of the environment
 (an unwritable folder, a full disk) exit 2, Ctrl-C exits 130. A sweep runs all its jobs, then
-exits 2 if any of them failed.
+exits 2 if any of them failed. A single run that stops before writing anything of its own leaves
+no folder behind (run_folder.py). ``--help`` lists the config groups and experiments (conf/hydra/help/cpds_exp.yaml).
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import os
 import socket
 import sys
+import typing
 import uuid
 from pathlib import Path
 
 import hydra
+import omegaconf
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from cpds_exp.errors import CpdsError
 from cpds_exp.naming import check_folder_name, job_folder
 from cpds_exp.parent_watch import end_with_parent
+from cpds_exp.run_folder import remove_if_unused
 from cpds_exp.schema import register_configs
 
 log = logging.getLogger("cpds_exp")
 
+
+def register_resolver(name: str, resolver) -> None:
+    """OmegaConf 2.4 renamed register_new_resolver to register_resolver (in 2.3 that name is the legacy API)."""
+    new_api = tuple(int(part) for part in omegaconf.__version__.split(".")[:2]) >= (2, 4)
+    register = OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver
+    register(name, resolver, replace=True)
+
+
+def hydra_main_options() -> dict:
+    """hydra.main's arguments under Hydra 1.3 and 1.4. 1.4 deprecates ``version_base`` (it no longer changes
+    anything) and warns at every instantiate unless told which targets to trust: the config is the user's
+    own command line and files, as trusted as their code (their own terms and selectors are ``_target_``s),
+    so every target stays allowed, as under 1.3."""
+    try:
+        from hydra.utils import UNSAFE_DISABLE_EXECUTION_CHECKS
+    except ImportError:  # Hydra 1.3
+        return {"version_base": "1.3"}
+    return {"execution_whitelist": UNSAFE_DISABLE_EXECUTION_CHECKS}
+
+
 # `${folder_name:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
-OmegaConf.register_new_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
-    default if value is None else value, key), replace=True)
+register_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
+    default if value is None else value, key))
 register_configs()
-OmegaConf.register_new_resolver("job_folder", lambda overrides: job_folder(list(overrides)), replace=True)
+register_resolver("job_folder", lambda overrides: job_folder(list(overrides)))
 
 FAILED_MARKER = "FAILED"
 #: "<pid>:<host>:<token>" of the sweep's process, set for its jobs (inherited by launcher workers)
@@ -45,6 +72,27 @@ LOCAL_WORKER_LAUNCHERS = ("hydra_plugins.hydra_joblib_launcher", "hydra_plugins.
 #: conf/ beside the package in a checkout (or an editable install), else the copy inside the wheel.
 CONFIG_DIR = next(str(path) for path in (Path(__file__).resolve().parent.parent / "conf",
                                           Path(__file__).resolve().parent / "conf") if (path / "config.yaml").is_file())
+
+README = Path(CONFIG_DIR).parent / "README.md"
+
+
+def group_options(group: str) -> list[str]:
+    """A config group's options, without the typed schemas that Hydra also offers as options."""
+    return [option for option in GlobalHydra.instance().config_loader().get_group_options(group)
+            if not option.endswith("_schema")]
+
+
+def help_groups(choices: DictConfig) -> str:
+    """--help's config groups, one a line (group: options, the current choice starred)."""
+    groups = sorted(key for key in choices if "/" not in key and "@" not in key and key != "experiment")
+    width = max(map(len, groups)) + 1
+    return "\n".join(f"{group + ':':<{width}} " + ", ".join(f"{option}*" if option == choices[group] else option
+                                                           for option in group_options(group)) for group in groups)
+
+
+register_resolver("cpds_exp.groups", help_groups)
+register_resolver("cpds_exp.options", lambda group: ", ".join(group_options(group)))
+register_resolver("cpds_exp.readme", lambda: str(README) if README.is_file() else "README.md of the cpds-exp sources")
 
 #: failures of jobs that ran in this process (the record when a FAILED file cannot be written)
 _failed_here: list[str] = []
@@ -77,11 +125,53 @@ def config_error(err: Exception) -> str:
         start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
         options = [line for line in lines[start + 1:] if "=" not in line and not line.endswith(":")]
         return f"invalid config: {lines[0]}; available: {', '.join(options)}"
+    if isinstance(err.__cause__, ValidationError) and typed_field(err.__cause__):
+        return f"invalid config: {wrong_type(err.__cause__)}"
     details = [line for line in lines[1:] if line.startswith(("Key ", "To append"))]
     cause = str(err.__cause__ or "").strip().splitlines()
     if cause and cause[0] not in lines:  # the schema's reason: wrong type, unknown key, bad enum value
         details.insert(0, cause[0].rstrip("."))
     return "; ".join([f"invalid config: {lines[0].rstrip('.')}", *details])
+
+
+def typed_field(err: ValidationError) -> dataclasses.Field | None:
+    """The schema field a value was refused for (None when the error is not about a typed key)."""
+    schema = err.object_type
+    if not dataclasses.is_dataclass(schema) or not isinstance(err.key, str):
+        return None
+    return next((f for f in dataclasses.fields(schema) if f.name == err.key), None)
+
+
+def wrong_type(err: ValidationError) -> str:
+    """A value the schema refuses: the override, the reason, and what the key takes (its type, its default)."""
+    field = typed_field(err)
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    default_text = "" if default is dataclasses.MISSING else f", default {as_override(default)}"
+    reason = str(err.msg).strip().splitlines()[0].rstrip(".")
+    expected = type_name(typing.get_type_hints(err.object_type)[field.name])
+    return f"{err.full_key}={as_override(err.value)}: {reason}; {err.full_key} takes {expected}{default_text}"
+
+
+def as_override(value) -> str:
+    """A value as it is written on the command line: abc, 200, null, true, [1, 2], resize."""
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+SCALAR_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def type_name(hint) -> str:
+    """A schema type in words: an integer, a list of int, a number or null, one of resize, center_crop."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join([type_name(a) for a in args] + ["null"])
+    if typing.get_origin(hint) in (list, tuple):
+        return f"a list of {getattr(args[0], '__name__', args[0])}" if args else "a list"
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(member.name for member in hint)
+    return SCALAR_NAMES.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def main() -> None:
@@ -99,9 +189,11 @@ def main() -> None:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        remove_if_unused()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+@hydra.main(config_path=CONFIG_DIR, config_name="config", **hydra_main_options())
 def hydra_main(cfg: DictConfig) -> float | None:
     """One run or one job of a sweep; returns the job's ``objective`` (what Optuna's sweeper
     optimises). A failed job of a sweep leaves a FAILED file and the others go on."""

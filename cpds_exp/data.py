@@ -147,6 +147,17 @@ def unique_names(items: list[EditItem]) -> list[EditItem]:
     return out
 
 
+def task_in_use(resolved: dict) -> dict | None:
+    """The task group of a resolved config if the dataset's edits carry its name, else None.
+
+    The task group names the prompt pair of the datasets that read it (folder, cats, a single image
+    with ``dataset.task=${task.name}``); for the others (the sample, a manifest) its default would
+    label the run with a task its edits do not have. Written with this, config.yaml and the W&B
+    config say the ``task`` that every edit's summary.json says."""
+    task = resolved.get("task")
+    return task if task and (resolved.get("dataset") or {}).get("task") == task.get("name") else None
+
+
 def sample(source_prompt: str, target_prompt: str) -> list[EditItem]:
     """A real photograph that ships with scikit-learn (a dahlia), so a first run needs no files."""
     from sklearn.datasets import load_sample_image

@@ -6,10 +6,12 @@ seeded random weights, so the whole framework runs and is tested without a netwo
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from cpds_exp.errors import CpdsError
+from cpds_exp.hub import SD_DOWNLOAD_SIZE, is_hub_id, offline_reason, one_line, weights_unavailable
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -175,24 +178,57 @@ def build_tiny(seed: int = 0) -> SDStack:
 
 
 def load_pretrained(pretrained: str, revision: str | None = None) -> SDStack:
-    """Load the SD components of a hub id or a local diffusers folder, in float32 on the CPU."""
+    """Load the SD components of a hub id or a local diffusers folder, in float32 on the CPU.
+
+    Offline (see :mod:`cpds_exp.hub`), a hub id loads from the cache at once or fails at once."""
+    from diffusers.utils import is_accelerate_available
+
+    local = Path(pretrained).expanduser().is_dir()
+    if not local and not is_hub_id(pretrained):
+        raise CpdsError(f"cannot load model {pretrained!r}: there is no such folder and it is not a hub id such as "
+                        f"CompVis/stable-diffusion-v1-4; check model.pretrained, or use model=tiny for an offline run")
+    offline = None if local else offline_reason()
     kwargs = dict(revision=revision) if revision else {}
+    kwargs["local_files_only"] = offline is not None
+    # without accelerate, diffusers' default (low_cpu_mem_usage=True) falls back with a notice per component
+    diffusers_kwargs = dict(kwargs, low_cpu_mem_usage=is_accelerate_available())
     try:
-        unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
-        scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
+        with quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **diffusers_kwargs)
+            vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **diffusers_kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kwargs)
+            tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
+            scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
     except (OSError, ValueError) as err:
-        raise CpdsError(
-            f"cannot load model {pretrained!r}: it is neither a local diffusers folder nor cached, and the "
-            "hub is unreachable or refused it; use model=tiny for an offline run, or "
-            "model.pretrained=/path/to/diffusers/folder"
-        ) from err
+        if offline:
+            raise weights_unavailable(f"model {pretrained!r}", SD_DOWNLOAD_SIZE, offline,
+                                      ", or model.pretrained=/path/to/a/diffusers/folder") from err
+        where = "the folder" if local else "the hub"
+        raise CpdsError(f"cannot load model {pretrained!r}: {where} refused it ({one_line(err)}); check "
+                        "model.pretrained (a hub id or a local diffusers folder), or use model=tiny for an offline run"
+                        ) from err
     _check_tokenizer(tokenizer, pretrained)
     resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     return SDStack(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
                    device=torch.device("cpu"), dtype=torch.float32, resolution=resolution).freeze()
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading SD printed, per component, huggingface_hub's warning about an argument diffusers still
+    passes and transformers' "Loading weights" bar: nothing a user can act on."""
+    from transformers.utils import logging as transformers_logging
+
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated",
+                                    category=UserWarning)
+            yield
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
 
 
 def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto", seed: int = 0,

@@ -182,8 +182,8 @@ def test_non_finite_weights_are_refused_before_any_model_loads(compose_config, t
               "config use +lrr=3"),
     ("method=foo", "error: invalid config: In 'config': Could not find 'method/foo'; available: cds, cds_matched, "
                    "cpds, dds, pds"),
-    ("iterations=abc", "error: invalid config: Error merging override iterations=abc; Value 'abc' of type 'str' "
-                       "could not be converted to Integer")])
+    ("iterations=abc", "error: invalid config: iterations=abc: Value 'abc' of type 'str' could not be converted "
+                       "to Integer; iterations takes an integer, default 200")])
 def test_a_misspelt_key_or_option_is_one_line(tmp_path, override, message):
     proc = run_py(*TINY, override, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message

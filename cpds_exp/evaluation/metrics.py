@@ -8,18 +8,23 @@ LPIPS on unscaled [0, 1] inputs.
 
 Metric models are built once per process (``load_metrics`` is cached) and run on the edit's
 device. Offline, ``metrics=random`` builds them with random weights, so the whole pipeline runs and
-is tested without downloads.
+is tested without downloads; real weights that are not cached fail at once (:mod:`cpds_exp.hub`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
+from cpds_exp.hub import CLIP_B16_DOWNLOAD_SIZE, offline_reason, one_line, weights_unavailable
 from cpds_exp.schema import MetricsConfig
 
 log = logging.getLogger(__name__)
@@ -27,11 +32,36 @@ log = logging.getLogger(__name__)
 PUBLISHED_SIZE = 224  # evaluate.py: transforms.Resize((224, 224)) before both metrics
 
 
-def _unavailable(what: str, err: Exception) -> CpdsError:
-    """The one-line error for metric weights that are not cached and cannot be downloaded."""
-    detail = (str(err).splitlines() or [""])[0][:120]
-    return CpdsError(f"cannot load {what} ({err.__class__.__name__}: {detail}); connect once to cache them, "
-                     "or pass metrics=random for a dry run, or metrics=none to skip metrics")
+#: what the offline message adds to the ways forward of any missing weights
+NO_METRICS = ", or metrics=none to skip metrics"
+
+
+def _unavailable(what: str, err: Exception, size: str | None, offline: str | None) -> CpdsError:
+    """The one-line error for metric weights that could not be loaded: offline and not cached, or refused."""
+    if offline:
+        return weights_unavailable(what, size, offline, NO_METRICS)
+    return CpdsError(f"cannot load {what} ({err.__class__.__name__}: {one_line(err)}); connect once to cache "
+                     f"them, or pass metrics=random for a dry run{NO_METRICS}")
+
+
+def clip_download_size(name: str) -> str | None:
+    """The download size of the default CLIP (ViT-B/16, either library's name for it); None for others."""
+    return CLIP_B16_DOWNLOAD_SIZE if name.startswith("ViT-B-16") or name.endswith("clip-vit-base-patch16") else None
+
+
+@contextlib.contextmanager
+def _without_root_log_records():
+    """open_clip logs on the root logger (a failed download as an ERROR line before ours): drop those
+    while it builds a model; its failures reach the user as the one-line error."""
+    def drop(record: logging.LogRecord) -> bool:  # a logger's filters see only records logged on it
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def published_resize(images: torch.Tensor) -> torch.Tensor:
@@ -92,10 +122,14 @@ class ClipScore:
             self.model, architecture = tiny_clip(), "tiny"
         else:
             architecture = clip_architecture(model_name, pretrained)
+            downloads = bool(pretrained) and not os.path.isfile(pretrained)  # a tag, not a checkpoint file
+            offline = offline_reason() if downloads else None
             try:
-                self.model = open_clip.create_model(architecture, pretrained=pretrained)
+                with _without_root_log_records():
+                    self.model = open_clip.create_model(architecture, pretrained=pretrained)
             except Exception as err:  # open_clip raises RuntimeError, OSError or hub errors offline
-                raise _unavailable(f"CLIP {architecture} with {pretrained!r} weights", err) from err
+                raise _unavailable(f"CLIP {architecture} with {pretrained!r} weights", err,
+                                   clip_download_size(architecture), offline) from err
         self.model.eval().requires_grad_(False)
         self.name = f"{architecture}/{pretrained}" if pretrained else architecture
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16" if model_name == "tiny" else architecture)
@@ -136,11 +170,13 @@ class PublishedClipScore:
         if hf_model == "tiny":
             self.model, self.processor = tiny_hf_clip(), CLIPImageProcessor()
         else:
+            offline = None if Path(hf_model).expanduser().is_dir() else offline_reason()
             try:
-                self.model = CLIPModel.from_pretrained(hf_model)
-                self.processor = CLIPImageProcessor.from_pretrained(hf_model)
+                self.model = CLIPModel.from_pretrained(hf_model, local_files_only=offline is not None)
+                self.processor = CLIPImageProcessor.from_pretrained(hf_model, local_files_only=offline is not None)
             except (OSError, ValueError) as err:  # out of reach: OSError; a malformed id: ValueError
-                raise _unavailable(f"CLIP {hf_model} (metrics.protocol=published)", err) from err
+                raise _unavailable(f"CLIP {hf_model} for metrics.protocol=published", err,
+                                   clip_download_size(hf_model), offline) from err
         self.model.eval().requires_grad_(False)
         self.name = hf_model
         self.tokenizer = offline_clip_tokenizer()
@@ -155,6 +191,22 @@ class PublishedClipScore:
         return published_clip_score(output.image_embeds, output.text_embeds)
 
 
+#: lpips' backbone names and the torchvision models it builds for them
+LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights", "vgg": "VGG16_Weights"}
+
+
+def lpips_backbone_weights(net: str):
+    """The torchvision ImageNet weights lpips downloads for ``net`` (their URL and size)."""
+    from torchvision import models
+
+    return getattr(models, LPIPS_BACKBONES[net]).IMAGENET1K_V1
+
+
+def backbone_cached(weights) -> bool:
+    """Whether torchvision's download of ``weights`` is already in torch's hub cache."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
+
+
 class Lpips:
     """LPIPS distance between source and edit, at ``size``×``size``.
 
@@ -165,12 +217,20 @@ class Lpips:
     def __init__(self, net: str = "squeeze", pretrained: bool = True, size: int = 224, scale_inputs: bool = True):
         import lpips
 
-        if net not in ("alex", "squeeze", "vgg"):
+        if net not in LPIPS_BACKBONES:
             raise CpdsError(f"metrics.lpips_net={net!r}: use squeeze (the paper), alex or vgg")
+        weights = lpips_backbone_weights(net)
+        download = f"{weights.meta['_file_size']:.0f} MB"
+        offline = offline_reason() if pretrained and not backbone_cached(weights) else None
+        if offline:  # torchvision's download has no timeout: do not start one offline
+            raise weights_unavailable(f"the LPIPS {net} backbone", download, offline, NO_METRICS)
         try:
-            self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
+            with warnings.catch_warnings():  # lpips builds torchvision's backbone with the deprecated `pretrained`
+                for deprecation in ("The parameter 'pretrained' is deprecated", "Arguments other than a weight enum"):
+                    warnings.filterwarnings("ignore", message=deprecation, category=UserWarning)
+                self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained, verbose=False)
         except Exception as err:  # torchvision's download fails with URLError offline
-            raise _unavailable(f"the LPIPS {net} backbone", err) from err
+            raise _unavailable(f"the LPIPS {net} backbone", err, download, None) from err
         self.model.eval().requires_grad_(False)
         self.size, self.scale_inputs = size, scale_inputs
 
