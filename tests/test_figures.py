@@ -111,6 +111,15 @@ def test_other_varying_fields_get_rows_of_their_own(tmp_path):
     assert [axis.get_ylabel() for axis in figure.axes[::3]] == ["a, seed 0", "a, seed 1"]
 
 
+def test_a_field_that_follows_the_columns_gets_no_rows(tmp_path):
+    """Each method at its own default lr (DDS 0.1, CPDS 0.8): one row per image, no 'not run' tiles."""
+    frame, _ = sweep(tmp_path, [dict(image=i, method=m, lr=lr, clip=0.3, lpips=0.2)
+                                for i in ("a", "b") for m, lr in (("dds", 0.1), ("cpds", 0.8))])
+    figure = comparison_grid(frame, "method")
+    assert [axis.get_ylabel() for axis in figure.axes[::3]] == ["a", "b"]
+    assert not any("not run" in text for text in texts(figure))
+
+
 def test_lr_ablation_band_is_the_95_ci_over_edits(tmp_path):
     values = {0.1: [0.20, 0.22, 0.27], 0.8: [0.30, 0.31, 0.35]}
     frame, _ = sweep(tmp_path, [dict(image=f"c{i}", lr=lr, clip=v, lpips=v / 2)

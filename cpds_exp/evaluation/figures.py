@@ -22,7 +22,8 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.evaluation.frame import METRIC_LABELS, METRICS, aggregate, ci95, display_name, ordered, varying
+from cpds_exp.evaluation.frame import (METRIC_LABELS, METRICS, aggregate, ci95, display_name, ordered, splitting,
+                                       varying)
 from cpds_exp.naming import safe_name
 from cpds_exp.results import write_atomically
 
@@ -154,9 +155,10 @@ def prompt_text(source: str, target: str) -> str:
 
 def grid_rows(frame: pd.DataFrame, by: str, max_images: int, per_row_prompts: bool) -> list[tuple[str, dict]]:
     """(row label, edit per value of ``by``) for the first ``max_images`` images by name. A row is an
-    image and the other fields that vary (seed, lr beside methods), so no edit hides behind another;
+    image and the other fields that tell its edits apart (seed; lr when a method ran at several), so no
+    edit hides behind another;
     of the same edit run twice the finished one, else the first by folder, stands."""
-    keys = ["image", *(k for k in varying(frame) if k not in (by, "task"))]
+    keys = ["image", *splitting(frame, [by, "image"], (k for k in varying(frame) if k not in (by, "task")))]
     for key in (by, *keys):
         frame = with_none(frame, key)
     position = {k: {v: i for i, v in enumerate(ordered(frame[k], k))} for k in keys}

@@ -121,6 +121,21 @@ def varying(frame: pd.DataFrame, keys: Sequence[str] = IDENTITY) -> list[str]:
     return [k for k in keys if k in frame.columns and frame[k].astype(str).nunique(dropna=False) > 1]
 
 
+def distinct(frame: pd.DataFrame, keys: Sequence[str]) -> int:
+    """How many different combinations of ``keys`` the edits have (1 for no keys)."""
+    return len(frame[list(keys)].astype(str).drop_duplicates()) if keys else 1
+
+
+def splitting(frame: pd.DataFrame, base: Sequence[str], candidates: Iterable[str]) -> list[str]:
+    """The candidates, in order, that tell edits apart beyond ``base`` and the ones kept before them:
+    lr beside methods is dropped when each method has its own lr, kept when a method ran at two."""
+    keys: list[str] = []
+    for key in candidates:
+        if distinct(frame, [*base, *keys, key]) > distinct(frame, [*base, *keys]):
+            keys.append(key)
+    return keys
+
+
 def infer_rows(frame: pd.DataFrame) -> str:
     """The swept parameter that makes a table's rows: the first of method, selector, lr that varies."""
     return next((k for k in ("method", "selector", "lr") if k in varying(frame, ("method", "selector", "lr"))),

@@ -18,7 +18,7 @@ import pandas as pd
 
 from cpds_exp.errors import CpdsError
 from cpds_exp.evaluation.frame import HIGHER_IS_BETTER, IDENTITY, METRIC_LABELS, METRICS, aggregate, display_name, \
-    ordered
+    distinct, ordered, splitting
 from cpds_exp.naming import safe_name, short_hash
 from cpds_exp.records import EditRecord
 from cpds_exp.results import write_text
@@ -126,10 +126,6 @@ def key_of(values: Iterable[Any]) -> tuple:
     return tuple(present(v) for v in values)
 
 
-def distinct(frame: pd.DataFrame, keys: Sequence[str]) -> int:
-    return len(frame[list(keys)].astype(str).drop_duplicates()) if keys else 1
-
-
 def row_keys(frame: pd.DataFrame) -> list[str]:
     """The prompt pair's fields, and the dataset settings that vary (two folders may share a name)."""
     dataset = [c for c in frame.columns if c.startswith(DATASET_PREFIXES) and distinct(frame, [c]) > 1]
@@ -143,11 +139,7 @@ def result_keys(frame: pd.DataFrame) -> list[str]:
                 and not any(c == k or c.startswith(f"{k}.") for k in NON_SEMANTIC_KEYS)]
     candidates = [k for k in IDENTITY if k in frame.columns and k not in ROW_KEYS] + \
         sorted(settings, key=lambda c: c.count("."))
-    keys: list[str] = []
-    for key in candidates:
-        if distinct(frame, keys + [key]) > distinct(frame, keys):
-            keys.append(key)
-    return keys or ["method"]
+    return splitting(frame, [], candidates) or ["method"]
 
 
 def sweep_page(frame: pd.DataFrame, out: Path, sweep: str, index: str | None = None) -> str:
