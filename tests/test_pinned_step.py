@@ -2,8 +2,9 @@
 redesign (issue 12): a refactor of the plumbing must not move a single latent.
 
 The numbers came from the editor as of commit 1466e34 (seed 3, 16 patches, the methods' published
-learning rates). Tolerances allow float32 kernel differences between CPUs, far below any change of
-a weight, a scale or a sign.
+learning rates). Tolerances allow float32 kernel differences between CPUs (measured: on an AMD EPYC
+with oneDNN's convolutions the sum moves by up to 4e-4 of itself and one latent by 5e-5; with
+oneDNN off, back to 2e-4 and 4e-8), far below any change of a weight, a scale or a sign.
 """
 import pytest
 
@@ -27,6 +28,6 @@ def test_one_iteration_matches_the_pinned_latent(tiny_stack, method):
     latent = editor.edit(make_image(), ["a cat"], ["a dog"]).latents.double()
     change = latent - editor.encode_images(make_image()).double()
     total, magnitude, first = PINNED[method]
-    assert change.sum().item() == pytest.approx(total, rel=1e-4)
-    assert change.abs().sum().item() == pytest.approx(magnitude, rel=1e-5)
-    assert latent.flatten()[:3].tolist() == pytest.approx(first, abs=1e-6)
+    assert change.sum().item() == pytest.approx(total, rel=1e-3)
+    assert change.abs().sum().item() == pytest.approx(magnitude, rel=1e-4)
+    assert latent.flatten()[:3].tolist() == pytest.approx(first, abs=2e-4)
