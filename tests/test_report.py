@@ -75,7 +75,7 @@ def test_records_become_one_line_per_edit_with_the_config_keys_that_vary(tmp_pat
     pd.testing.assert_frame_equal(parquet, report["frame"], check_dtype=False)
     assert report["counts"] == {"done": 18, "diverged": 1, "skipped": 1}
     assert set(report["files"]) == {"records.csv", "records.parquet", "table.csv", "table.md", "table.tex",
-                                    "differences.csv"} and all(p.is_file() for p in report["files"].values())
+                                    "differences.csv", "index.html"} and all(p.is_file() for p in report["files"].values())
 
 
 def test_table_csv_equals_an_independent_t_interval(tmp_path):

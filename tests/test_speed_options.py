@@ -23,8 +23,9 @@ def edit(stack, **options):
 def test_option_keeps_the_result(tiny_stack, options):
     reference = edit(tiny_stack)
     moved = (reference - make_editor(tiny_stack).encode_images(make_image())).abs().max()
-    # equal up to float rounding (channels_last convolutions sum in another order)
-    assert (edit(tiny_stack, **options) - reference).abs().max() < 2e-4 * moved
+    # equal up to float rounding: channels_last convolutions sum in another order (oneDNN on an AMD EPYC
+    # measured 1.0e-4 of the move; a real change of the step moves it by more than 1e-2)
+    assert (edit(tiny_stack, **options) - reference).abs().max() < 1e-3 * moved
 
 
 def test_benchmark_runs_on_cpu(tmp_path, monkeypatch):
