@@ -22,8 +22,8 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from PIL import Image
 
 from cpds_exp.errors import CpdsError
-from cpds_exp.evaluation.frame import (METRIC_LABELS, METRICS, aggregate, ci95, display_name, ordered, splitting,
-                                       varying)
+from cpds_exp.evaluation.frame import (METRIC_LABELS, METRICS, aggregate, ci95, display_name, metric_text,
+                                       none_for_missing, ordered, splitting, varying)
 from cpds_exp.naming import safe_name
 from cpds_exp.results import write_atomically
 
@@ -65,14 +65,9 @@ def save_figure(figure: Figure, stem: Path, dpi: int = DPI) -> list[Path]:
 
 
 # --- shared pieces ------------------------------------------------------------------------------
-def with_none(frame: pd.DataFrame, key: str) -> pd.DataFrame:
-    """``frame`` with NaN in ``key`` turned into None, so that a missing value compares and hashes."""
-    return frame.assign(**{key: frame[key].astype(object).where(frame[key].notna(), None)})
-
-
 def groups(frame: pd.DataFrame, key: str) -> Iterator[tuple[Any, pd.DataFrame]]:
     """(value, rows) per distinct value of ``key`` in the paper's order (a missing value is None)."""
-    frame = with_none(frame, key)
+    frame = none_for_missing(frame, [key])
     for value in ordered(frame[key], key):
         yield value, frame[frame[key].map(lambda v: v is None) if value is None else frame[key] == value]
 
@@ -89,11 +84,6 @@ def palette(frame: pd.DataFrame, by: str) -> dict[Any, Any]:
     """One colour per value of ``by``, the same in every figure of the sweep."""
     colours = matplotlib.colormaps["tab10"]
     return {value: colours(i % 10) for i, (value, _) in enumerate(groups(frame, by))}
-
-
-def number(value: Any) -> str:
-    """A metric as every figure prints it: 4 decimals, "–" when missing."""
-    return "–" if value is None or pd.isna(value) else f"{value:.4f}"
 
 
 def count_label(name: str, counts: Iterable[int], diverged: int = 0) -> str:
@@ -146,7 +136,7 @@ def edit_tile(axis: Any, edit: dict[str, Any] | None) -> None:
     if result is None:
         return blank_tile(axis, "result missing")
     axis.imshow(result)
-    axis.set_xlabel(f"CLIP {number(edit.get('clip'))}\nLPIPS {number(edit.get('lpips'))}")
+    axis.set_xlabel(f"CLIP {metric_text(edit.get('clip'))}\nLPIPS {metric_text(edit.get('lpips'))}")
 
 
 def prompt_text(source: str, target: str) -> str:
@@ -160,7 +150,7 @@ def grid_rows(frame: pd.DataFrame, by: str, max_images: int, per_row_prompts: bo
     of the same edit run twice the finished one, else the first by folder, stands."""
     keys = ["image", *splitting(frame, [by, "image"], (k for k in varying(frame) if k not in (by, "task")))]
     for key in (by, *keys):
-        frame = with_none(frame, key)
+        frame = none_for_missing(frame, [key])
     position = {k: {v: i for i, v in enumerate(ordered(frame[k], k))} for k in keys}
     images = set(list(position["image"])[:max_images])
     rows: dict[tuple, dict[Any, dict[str, Any]]] = {}
@@ -183,7 +173,7 @@ def comparison_grid(frame: pd.DataFrame, by: str, title: str | None = None, max_
     """Rows of images (the first ``max_images`` by name), columns "Source" then each value of ``by``
     (DDS, CDS, PDS, CPDS). The title names the task and its prompts; when prompts differ between
     images (a manifest), each row names its own."""
-    values = ordered(with_none(frame, by)[by], by)
+    values = ordered(none_for_missing(frame, [by])[by], by)
     pairs = frame[["source_prompt", "target_prompt"]].drop_duplicates()
     per_row = len(pairs) > 1
     if not per_row:

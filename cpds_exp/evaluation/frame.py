@@ -153,6 +153,21 @@ def ci95(values: Sequence[float] | pd.Series) -> float:
     return float(stats.t.ppf(0.975, len(series) - 1) * series.std(ddof=1) / math.sqrt(len(series)))
 
 
+#: decimals of every metric a reader sees (tables, figures, the gallery); the CSV files keep them all
+DECIMALS = 4
+MISSING = "–"
+
+
+def present(value: Any) -> Any:
+    """``value``, or None where pandas holds a missing value (None, NaN)."""
+    return None if value is None or pd.isna(value) else value
+
+
+def metric_text(value: Any) -> str:
+    """A metric as every table, figure and page prints it: "0.2512", "–" when missing."""
+    return MISSING if present(value) is None else f"{value:.{DECIMALS}f}"
+
+
 def none_for_missing(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """``frame`` with the ``keys`` columns as objects whose missing values are None, so that groups
     and merges treat "no task" as one value that compares equal to itself."""

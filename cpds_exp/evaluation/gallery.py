@@ -18,7 +18,7 @@ import pandas as pd
 
 from cpds_exp.errors import CpdsError
 from cpds_exp.evaluation.frame import HIGHER_IS_BETTER, IDENTITY, METRIC_LABELS, METRICS, aggregate, display_name, \
-    distinct, ordered, splitting
+    distinct, metric_text, ordered, present, splitting
 from cpds_exp.naming import safe_name, short_hash
 from cpds_exp.records import EditRecord
 from cpds_exp.results import write_text
@@ -110,15 +110,6 @@ def link(path: Any, out: Path) -> str | None:
     if not isinstance(path, str) or not path:
         return None
     return quote(Path(os.path.relpath(path, out)).as_posix())
-
-
-def present(value: Any) -> Any:
-    """``value``, or None where pandas holds a missing value (None, NaN)."""
-    return None if value is None or pd.isna(value) else value
-
-
-def fmt(value: Any) -> str:
-    return "–" if present(value) is None else f"{value:.4f}"
 
 
 def key_of(values: Iterable[Any]) -> tuple:
@@ -216,7 +207,7 @@ def result_figure(record: pd.Series, out: Path) -> str:
     result = link(record.get("result_path"), out)
     if result is None:
         return '<p class="missing">result image missing</p>'
-    scores = " · ".join(f"{name.upper()} {fmt(record.get(name))}" for name in METRICS)
+    scores = " · ".join(f"{name.upper()} {metric_text(record.get(name))}" for name in METRICS)
     alt = f"result: {record.get('target_prompt')}"
     return (f'<figure><a href="{attribute(result)}"><img src="{attribute(result)}" alt="{attribute(alt)}" '
             f'loading="lazy"></a><figcaption>{text(scores)}</figcaption></figure>')
@@ -227,7 +218,7 @@ def column_summary(entry: pd.Series) -> str:
     parts = [f"n = {int(entry['n'])}"]
     for metric in METRICS:
         ci = present(entry.get(f"{metric}_ci"))
-        interval = f" ± {fmt(ci)}" if ci is not None else ""
-        parts.append(f"{metric.upper()} {fmt(entry.get(metric))}{interval}")
+        interval = f" ± {metric_text(ci)}" if ci is not None else ""
+        parts.append(f"{metric.upper()} {metric_text(entry.get(metric))}{interval}")
     failed = [f"{int(entry[k])} {k.removeprefix('n_')}" for k in ("n_diverged", "n_skipped") if entry[k]]
     return text(" · ".join(parts + failed))

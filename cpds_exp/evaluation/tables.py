@@ -6,19 +6,16 @@ marked from the unrounded means (per protocol: protocols are never compared with
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from cpds_exp.evaluation.frame import (HIGHER_IS_BETTER, METRIC_LABELS, METRICS, display_name, key_title,
-                                       none_for_missing, ordered)
+from cpds_exp.evaluation.frame import (DECIMALS, HIGHER_IS_BETTER, METRIC_LABELS, METRICS, MISSING, display_name,
+                                       key_title, metric_text, none_for_missing, ordered, present)
 from cpds_exp.results import write_atomically
 
-DECIMALS = 4
-MISSING = "–"
 #: the column of a sweep whose edits have no task (or whatever the columns field is)
 ALL_EDITS = "all edits"
 COUNTS = {"n": "n", "n_diverged": "diverged", "n_skipped": "skipped"}
@@ -31,18 +28,16 @@ BOLD_LATEX = "textbf: --rwrap;"
 
 def metric_cell(mean: float | None, ci: float | None = None) -> str:
     """"0.2500 ± 0.0500"; without an interval (one edit, or a reference number) just "0.2500"."""
-    if mean is None or pd.isna(mean):
-        return MISSING
-    if ci is None or pd.isna(ci):
-        return f"{mean:.{DECIMALS}f}"
-    return f"{mean:.{DECIMALS}f} ± {ci:.{DECIMALS}f}"
+    if present(mean) is None or present(ci) is None:
+        return metric_text(mean)
+    return f"{metric_text(mean)} ± {metric_text(ci)}"
 
 
 def difference_cell(mean: float | None, low: float | None, high: float | None) -> str:
     """A signed paired difference with its bootstrap interval: "+0.0100 [-0.0020, +0.0200]"."""
-    if mean is None or pd.isna(mean):
+    if present(mean) is None:
         return MISSING
-    if low is None or pd.isna(low):
+    if present(low) is None:
         return f"{mean:+.{DECIMALS}f} (one image: no interval)"
     return f"{mean:+.{DECIMALS}f} [{low:+.{DECIMALS}f}, {high:+.{DECIMALS}f}]"
 
@@ -58,7 +53,7 @@ def row_labels(table: pd.DataFrame, rows: str) -> list[str]:
 def column_labels(values: Sequence[Any] | pd.Series, columns: str) -> list[str]:
     """"cat → dog"; edits without a value are "all edits" when no edit has one, else "no <field>"."""
     values = list(values)
-    missing = [v is None or (isinstance(v, float) and math.isnan(v)) for v in values]
+    missing = [present(v) is None for v in values]
     if all(missing):
         return [ALL_EDITS] * len(values)
     return [f"no {columns}" if gap else display_name(columns, v) for v, gap in zip(values, missing)]

@@ -2,14 +2,13 @@
 the aggregated tables, the figures and an artifact of the results; and a saved dashboard."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-from cpds_exp.evaluation.frame import display_name, varying
+from cpds_exp.evaluation.frame import display_name, present, varying
 from cpds_exp.loggers import CODE_KEY, code_version, resolve_wandb_mode, wandb_settings
 from cpds_exp.naming import safe_name
 from cpds_exp.records import CUT_TOTAL, ITERATION, METRIC, SCORE_GRAD_NORM, SELECTOR_ROUND
@@ -40,11 +39,6 @@ def figure_caption(name: str) -> str:
     return f"{title}: {'all edits' if task == 'all' else display_name('task', task)}"
 
 
-def _cell(value: Any) -> Any:
-    """A table cell: a missing value (None or NaN) as None, so W&B shows it empty."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
 def edits_table(frame: pd.DataFrame) -> Any:
     """One row per edit (``records_frame``): what it was, any other key the sweep varies, its source
     and result images, CLIP, LPIPS and status, to browse and filter thousands of edits in W&B."""
@@ -53,10 +47,10 @@ def edits_table(frame: pd.DataFrame) -> Any:
     identity = [*EDIT_COLUMNS, *(key for key in varying(frame) if key not in EDIT_COLUMNS)]
     table = wandb.Table(columns=[*identity, "source", "result", *OUTCOME_COLUMNS])
     for row in frame.to_dict("records"):
-        images = [wandb.Image(path) if _cell(path) else None
+        images = [wandb.Image(path) if present(path) else None
                   for path in (row.get("source_path"), row.get("result_path"))]
-        table.add_data(*(_cell(row.get(key)) for key in identity), *images,
-                       *(_cell(row.get(key)) for key in OUTCOME_COLUMNS))
+        table.add_data(*(present(row.get(key)) for key in identity), *images,
+                       *(present(row.get(key)) for key in OUTCOME_COLUMNS))
     return table
 
 
