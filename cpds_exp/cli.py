@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import hydra
-import omegaconf
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -37,30 +36,11 @@ from cpds_exp.schema import register_configs
 log = logging.getLogger("cpds_exp")
 
 
-def register_resolver(name: str, resolver) -> None:
-    """OmegaConf 2.4 renamed register_new_resolver to register_resolver (in 2.3 that name is the legacy API)."""
-    new_api = tuple(int(part) for part in omegaconf.__version__.split(".")[:2]) >= (2, 4)
-    register = OmegaConf.register_resolver if new_api else OmegaConf.register_new_resolver
-    register(name, resolver, replace=True)
-
-
-def hydra_main_options() -> dict:
-    """hydra.main's arguments under Hydra 1.3 and 1.4. 1.4 deprecates ``version_base`` (it no longer changes
-    anything) and warns at every instantiate unless told which targets to trust: the config is the user's
-    own command line and files, as trusted as their code (their own terms and selectors are ``_target_``s),
-    so every target stays allowed, as under 1.3."""
-    try:
-        from hydra.utils import UNSAFE_DISABLE_EXECUTION_CHECKS
-    except ImportError:  # Hydra 1.3
-        return {"version_base": "1.3"}
-    return {"execution_whitelist": UNSAFE_DISABLE_EXECUTION_CHECKS}
-
-
 # `${folder_name:${sweep_name},...}`: a named sweep gets a fixed folder, an unnamed one a timestamp
-register_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
-    default if value is None else value, key))
+OmegaConf.register_new_resolver("folder_name", lambda value, default, key="sweep_name": check_folder_name(
+    default if value is None else value, key), replace=True)
 register_configs()
-register_resolver("job_folder", lambda overrides: job_folder(list(overrides)))
+OmegaConf.register_new_resolver("job_folder", lambda overrides: job_folder(list(overrides)), replace=True)
 
 FAILED_MARKER = "FAILED"
 #: "<pid>:<host>:<token>" of the sweep's process, set for its jobs (inherited by launcher workers)
@@ -90,9 +70,10 @@ def help_groups(choices: DictConfig) -> str:
                                                            for option in group_options(group)) for group in groups)
 
 
-register_resolver("cpds_exp.groups", help_groups)
-register_resolver("cpds_exp.options", lambda group: ", ".join(group_options(group)))
-register_resolver("cpds_exp.readme", lambda: str(README) if README.is_file() else "README.md of the cpds-exp sources")
+OmegaConf.register_new_resolver("cpds_exp.groups", help_groups, replace=True)
+OmegaConf.register_new_resolver("cpds_exp.options", lambda group: ", ".join(group_options(group)), replace=True)
+OmegaConf.register_new_resolver("cpds_exp.readme", lambda: str(README) if README.is_file()
+                                else "README.md of the cpds-exp sources", replace=True)
 
 #: failures of jobs that ran in this process (the record when a FAILED file cannot be written)
 _failed_here: list[str] = []
@@ -193,7 +174,7 @@ def main() -> None:
         remove_if_unused()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", **hydra_main_options())
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
     """One run or one job of a sweep; returns the job's ``objective`` (what Optuna's sweeper
     optimises). A failed job of a sweep leaves a FAILED file and the others go on."""
