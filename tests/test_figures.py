@@ -118,6 +118,7 @@ def test_a_field_that_follows_the_columns_gets_no_rows(tmp_path):
     figure = comparison_grid(frame, "method")
     assert [axis.get_ylabel() for axis in figure.axes[::3]] == ["a", "b"]
     assert not any("not run" in text for text in texts(figure))
+    assert lr_ablation(frame, "method", palette(frame, "method")) is None  # no method ran at two lrs
 
 
 def test_lr_ablation_band_is_the_95_ci_over_edits(tmp_path):

@@ -211,11 +211,12 @@ def comparison_grid(frame: pd.DataFrame, by: str, title: str | None = None, max_
 @styled
 def lr_ablation(frame: pd.DataFrame, by: str, colours: dict[Any, Any], title: str | None = None) -> Figure | None:
     """CLIP and LPIPS against lr: the mean over finished edits with its 95% CI band, one line per
-    value of ``by`` (one line when ``by`` is lr); None when lr does not vary or nothing was measured."""
+    value of ``by`` (one line when ``by`` is lr); None when no value of ``by`` ran at two lrs (each
+    method at its own default lr is no ablation) or nothing was measured."""
     done = frame[frame["status"] == "done"]
-    if "lr" not in frame.columns or done["lr"].nunique() < 2 or not has_metrics(frame):
-        return None
     hue = None if by == "lr" else by
+    if "lr" not in frame.columns or not splitting(done, [hue] if hue else [], ["lr"]) or not has_metrics(frame):
+        return None
     table = aggregate(frame[frame["lr"].notna()], [hue, "lr"] if hue else ["lr"])
     table["lr"] = table["lr"].astype(float)
     figure = Figure(figsize=(FULL_WIDTH, 2.6), layout="constrained")
