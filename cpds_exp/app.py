@@ -11,6 +11,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from cpds_exp.evaluation.metrics import Metrics, MetricsConfig, load_metrics
 from cpds_exp.models import SDStack, load_stack, resolve_device, resolve_dtype
 from cpds_exp.editing.selector_training import summarise_rounds
 from cpds_exp.naming import NON_SEMANTIC_KEYS
+from cpds_exp.schema import FINGERPRINT_DEFAULTS
 from cpds_exp.records import FINAL, ITERATION, METRIC, SELECTOR_MEAN, SELECTOR_ROUND, EditRecord, load_record
 from cpds_exp.results import save_image, side_by_side, write_atomically, write_text
 
@@ -67,9 +69,19 @@ def without_keys(resolved: dict[str, Any], keys: tuple[str, ...]) -> dict[str, A
     return kept
 
 
+def at_defaults(resolved: dict[str, Any]) -> tuple[str, ...]:
+    """The keys of FINGERPRINT_DEFAULTS that ``resolved`` leaves at their defaults."""
+    def value(key: str) -> Any:
+        group, _, name = key.partition(".")
+        return resolved.get(group, {}).get(name)
+
+    return tuple(key for key, default in FINGERPRINT_DEFAULTS.items() if value(key) == default)
+
+
 def edit_fingerprint(resolved: dict[str, Any], item: EditItem) -> str:
-    """A hash of everything that determines one edit's result: the config and the item."""
-    relevant = without_keys(resolved, NON_SEMANTIC_KEYS)
+    """A hash of everything that determines one edit's result: the config and the item (options
+    added since edits were first recorded count only when set, so those edits still resume)."""
+    relevant = without_keys(resolved, NON_SEMANTIC_KEYS + at_defaults(resolved))
     relevant["item"] = [item.name, item.source_prompt, item.target_prompt, item.task]
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -161,7 +173,7 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
              ) -> list[EditRecord]:
     """Load the models and run the edits still to do, in claimed batches; their records."""
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
-    stack = load_stack(cfg.model.pretrained, str(device), cfg.dtype, cfg.model.seed, cfg.model.revision)
+    stack = load_model(cfg.model, device, cfg.dtype)
     editor = make_editor(stack)
     log.info("editing %d image(s) with %s on %s (pid %d)", len(todo), cfg.method.name, device, os.getpid())
     records: list[EditRecord] = []
@@ -193,6 +205,20 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
                 records += edit_batch(editor, metrics, rows, cfg, resolved)
             bar.update(len(batch))
     return records
+
+
+def load_model(model: DictConfig, device: torch.device, dtype: str) -> SDStack:
+    """The configured SD stack on ``device`` (the model group's options, enums as their names)."""
+    def name(value: Any) -> Any:
+        return value.value if isinstance(value, Enum) else value
+
+    stack = load_stack(model.pretrained, str(device), dtype, model.seed, model.revision,
+                       architecture=name(model.architecture), prediction_type=name(model.prediction_type),
+                       vae=model.vae, variant=model.variant)
+    if stack.prediction_type != "epsilon":
+        log.info("%s predicts %s: its outputs are converted to noise (epsilon) for guidance and the losses",
+                 model.name, stack.prediction_type)
+    return stack
 
 
 @contextlib.contextmanager

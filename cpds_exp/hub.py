@@ -13,12 +13,28 @@ import textwrap
 
 from cpds_exp.errors import CpdsError
 
-#: Download sizes for the offline message: float32 parameters x 4 bytes, counted on the architectures
-#: (SD v1.x: UNet 860 M, VAE 84 M, text encoder 123 M parameters; CLIP ViT-B/16: 150 M).
-SD_DOWNLOAD_SIZE = "SD v1.x in float32: about 4.3 GB"
+#: Parameters (millions) of the SD components an edit downloads, counted on the architectures built
+#: from their configs: SD v1.x UNet 859.5 + VAE 83.7 + CLIP ViT-L text encoder 123.1; SD 2.x UNet 865.9
+#: + VAE + OpenCLIP ViT-H text encoder 340.4; SDXL UNet 2567.5 + VAE + both text encoders (123.1 + 694.7).
+SD_FAMILIES = {"SD v1.x": 1066.2, "SD 2.x": 1290.0, "SDXL": 3468.8}
+MODEL_FAMILIES = {
+    "CompVis/stable-diffusion-v1-4": "SD v1.x", "stable-diffusion-v1-5/stable-diffusion-v1-5": "SD v1.x",
+    "runwayml/stable-diffusion-v1-5": "SD v1.x",
+    "stabilityai/stable-diffusion-2-1": "SD 2.x", "stabilityai/stable-diffusion-2-1-base": "SD 2.x",
+    "stabilityai/stable-diffusion-xl-base-1.0": "SDXL",
+}
 CLIP_B16_DOWNLOAD_SIZE = "about 600 MB"
 
 OFFLINE_RUN = "model=tiny metrics=random (or debug=fast)"
+
+
+def download_size(pretrained: str, half: bool = False) -> str | None:
+    """What loading a known model downloads (float16 weights for a half-precision run), else None."""
+    family = MODEL_FAMILIES.get(pretrained)
+    if family is None:
+        return None
+    gigabytes = SD_FAMILIES[family] * 1e6 * (2 if half else 4) / 1e9
+    return f"{family} in {'float16' if half else 'float32'}: about {gigabytes:.1f} GB"
 
 
 def one_line(err: BaseException, width: int = 200) -> str:

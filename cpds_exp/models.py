@@ -1,8 +1,11 @@
 """Stable Diffusion components: loaded from the hub or a local folder, or built tiny offline.
 
-Both paths produce an :class:`SDStack`. The tiny stack has SD's shape (cross-attention up
-blocks, an 8× VAE, a CLIP text encoder with the real CLIP tokenizer, SD's noise schedule) with
-seeded random weights, so the whole framework runs and is tested without a network.
+Both paths produce an :class:`SDStack`, of SD 1.x/2.x (one text encoder) or SDXL (two text
+encoders, pooled embeddings and time ids), read from the folder's model_index.json. The stack turns
+prompts into a :class:`~cpds_exp.conditioning.Conditioning` and any UNet output (ε, v or x₀, the
+scheduler's ``prediction_type``) into ε, so the editor and the loss terms are the same for every
+model. The tiny stacks have SD's or SDXL's shape with seeded random weights, so the whole
+framework runs and is tested without a network.
 """
 from __future__ import annotations
 
@@ -15,24 +18,30 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from cpds_exp.conditioning import Conditioning, sdxl_time_ids
 from cpds_exp.errors import CpdsError
-from cpds_exp.hub import SD_DOWNLOAD_SIZE, is_hub_id, offline_reason, one_line, weights_unavailable
+from cpds_exp.hub import download_size, is_hub_id, offline_reason, one_line, weights_unavailable
+from cpds_exp.scores import PREDICTION_TYPES, to_epsilon
 
 CLIP_VOCAB_SIZE = 49408
 
-#: SD v1.x's training noise schedule (SPEC §1).
+#: SD v1.x's training noise schedule (SPEC §1); SD 2.x and SDXL train on the same betas.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+#: The architectures a stack can have: SD 1.x/2.x (one CLIP text encoder) and SDXL.
+ARCHITECTURES = ("sd", "sdxl")
 
 
 @dataclass
 class SDStack:
-    """The pieces of Stable Diffusion an edit needs, on one device and dtype."""
+    """The pieces of Stable Diffusion an edit needs, on one device and dtype. SDXL stacks also have
+    ``text_encoder_2``/``tokenizer_2`` and, as SDXL's pipeline, use zeros for the empty prompt."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -42,6 +51,9 @@ class SDStack:
     device: torch.device
     dtype: torch.dtype
     resolution: int
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def latent_scale(self) -> float:
@@ -51,45 +63,92 @@ class SDStack:
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def architecture(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts (epsilon, v_prediction or sample), as its scheduler says."""
+        return self.scheduler.config.prediction_type
+
+    def _text_parts(self) -> list[tuple[Any, Any]]:
+        return [(self.tokenizer, self.text_encoder)] + (
+            [(self.tokenizer_2, self.text_encoder_2)] if self.text_encoder_2 is not None else [])
+
     # the SD operations every user of a stack shares (the editor, the extraction scores)
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP text-encoder hidden states, padded to the tokenizer's length as SD's pipeline does."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+    def encode_prompts(self, prompts: Sequence[str], size: Sequence[int] | None = None) -> Conditioning:
+        """The UNet's condition for each prompt, tokens padded to the tokenizer's length as SD's pipelines do.
+
+        SD 1.x/2.x: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
+        states side by side, the second's pooled projection and the time ids of an image of ``size``
+        (height, width; default the model's resolution)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in self._text_parts():
+            ids = tokenizer(list(prompts), padding="max_length", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
+            if self.text_encoder_2 is None:
+                return Conditioning(encoder(ids)[0])
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's text_embeds
+        hidden = torch.cat(hidden, dim=-1)
+        if self.force_zeros_for_empty_prompt:
+            kept = torch.tensor([p != "" for p in prompts], device=self.device).to(hidden.dtype)
+            hidden, pooled = hidden * kept.view(-1, 1, 1), pooled * kept.view(-1, 1)
+        height, width = size or (self.resolution, self.resolution)
+        time_ids = sdxl_time_ids(len(prompts), height, width, self.device, hidden.dtype)
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                      unet: torch.nn.Module | None = None) -> torch.Tensor:
+        """ε(z_t, t, cond) in float32 whatever the UNet predicts; ``unet`` may be a compiled copy."""
+        out = (unet or self.unet)(z_t.to(self.dtype), t, **cond.unet_kwargs()).sample.float()
+        return to_epsilon(out, z_t.float(), t, self.scheduler, self.prediction_type)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [−1, 1] → float32 latents (the posterior mean, scaled)."""
-        x = images.to(self.device, self.dtype)
+        x = images.to(self.device, self.vae.dtype)
         return self.vae.encode(x).latent_dist.mean.float() * self.latent_scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → (B, 3, H, W) images in [0, 1], on the stack's device."""
-        x = self.vae.decode((latents.to(self.device) / self.latent_scale).to(self.dtype)).sample
+        x = self.vae.decode((latents.to(self.device) / self.latent_scale).to(self.vae.dtype)).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def freeze(self) -> "SDStack":
         """No parameter requires grad; only the latent is optimised."""
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.requires_grad_(False).eval()
         return self
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write a diffusers-layout folder that :func:`load_stack` reads back."""
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 else [])
+
+    def save_pretrained(self, folder: str | os.PathLike, variant: str | None = None) -> None:
+        """Write a diffusers-layout folder that :func:`load_stack` reads back (weights named for
+        ``variant``, e.g. fp16, if given)."""
         folder = Path(folder)
-        for sub, part in [("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder),
-                          ("tokenizer", self.tokenizer), ("scheduler", self.scheduler)]:
-            part.save_pretrained(folder / sub)
-        (folder / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "safety_checker": [None, None], "feature_extractor": [None, None],
-        }, indent=2))
+        classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                   "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+                   "scheduler": ("diffusers", "DDPMScheduler")}
+        index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline"}
+        if self.architecture == "sdxl":
+            classes.update(text_encoder_2=("transformers", "CLIPTextModelWithProjection"),
+                           tokenizer_2=("transformers", "CLIPTokenizer"))
+            index = {"_class_name": "StableDiffusionXLPipeline",
+                     "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
+        else:
+            index.update(safety_checker=[None, None], feature_extractor=[None, None])
+        for sub in classes:
+            part = getattr(self, sub)
+            weighted = isinstance(part, torch.nn.Module)
+            part.save_pretrained(folder / sub, **(dict(variant=variant) if weighted and variant else {}))
+        index.update({sub: list(cls) for sub, cls in classes.items()})
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -152,65 +211,139 @@ def _check_tokenizer(tokenizer: CLIPTokenizer, source: str) -> None:
                         "the download is incomplete; delete it from the cache and retry, or use model=tiny")
 
 
-def build_tiny(seed: int = 0) -> SDStack:
-    """An SD-shaped stack (~2 M parameters) with seeded random weights, built in well under a second."""
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, scaling_factor=0.18215,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+def tiny_text_encoder(with_projection: bool = False) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder of width 32 with CLIP's vocabulary (SDXL's second one projects)."""
+    config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
-    stack = SDStack(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=offline_clip_tokenizer(),
-                    scheduler=DDPMScheduler(**SD_SCHEDULE), device=torch.device("cpu"),
-                    dtype=torch.float32, resolution=64)
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def tiny_unet(architecture: str) -> UNet2DConditionModel:
+    """SD's UNet layout (cross-attention in the up blocks 1–2) or SDXL's (no attention at full
+    resolution, more transformer blocks deeper down, pooled text and time ids added to the time
+    embedding), a few hundred thousand parameters."""
+    common = dict(in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+                  norm_num_groups=8, attention_head_dim=8)
+    if architecture == "sd":
+        return UNet2DConditionModel(
+            sample_size=8, cross_attention_dim=32, **common,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    time_ids_width = 8
+    return UNet2DConditionModel(
+        sample_size=16, cross_attention_dim=64, **common, use_linear_projection=True,
+        transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=time_ids_width,
+        projection_class_embeddings_input_dim=32 + 6 * time_ids_width)
+
+
+def build_tiny(seed: int = 0, architecture: str = "sd") -> SDStack:
+    """An SD-shaped (64², ~2 M parameters) or SDXL-shaped (128², two text encoders) stack with seeded
+    random weights and SD's noise schedule, built in well under a second."""
+    check_architecture(architecture)
+    torch.manual_seed(seed)
+    unet = tiny_unet(architecture)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+        scaling_factor=0.18215 if architecture == "sd" else 0.13025,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    tokenizer = offline_clip_tokenizer()
+    stack = SDStack(unet=unet, vae=vae, text_encoder=tiny_text_encoder(), tokenizer=tokenizer,
+                    scheduler=DDPMScheduler(**SD_SCHEDULE), device=torch.device("cpu"), dtype=torch.float32,
+                    resolution=unet.config.sample_size * 8)
+    if architecture == "sdxl":
+        stack.text_encoder_2, stack.tokenizer_2 = tiny_text_encoder(with_projection=True), tokenizer
+        stack.force_zeros_for_empty_prompt = True
     return stack.freeze()
 
 
-def load_pretrained(pretrained: str, revision: str | None = None) -> SDStack:
-    """Load the SD components of a hub id or a local diffusers folder, in float32 on the CPU.
+def check_architecture(architecture: str) -> None:
+    if architecture not in ARCHITECTURES:
+        raise CpdsError(f"model.architecture={architecture!r} is unknown: use sd (SD 1.x/2.x), sdxl, or null to "
+                        "read it from the model")
+
+
+def read_model_index(pretrained: str, local: bool, **kwargs: Any) -> dict[str, Any]:
+    """The folder's or hub repository's model_index.json ({} for a local folder without one)."""
+    if local:
+        path = Path(pretrained).expanduser() / "model_index.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(pretrained, "model_index.json", **kwargs)).read_text())
+
+
+def from_pretrained(cls: Any, pretrained: str, variant: str | None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` of the ``variant`` weights (e.g. fp16, half the download) where the
+    repository has them, else of its full-precision weights."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if variant:
+        try:
+            return cls.from_pretrained(pretrained, variant=variant, **kwargs)
+        except (OSError, ValueError, EntryNotFoundError):
+            pass  # no such variant (or not cached): the full-precision files below
+    return cls.from_pretrained(pretrained, **kwargs)
+
+
+def load_pretrained(pretrained: str, revision: str | None = None, variant: str | None = None,
+                    vae: str | None = None, half: bool = False) -> SDStack:
+    """Load the SD or SDXL components of a hub id or a local diffusers folder, on the CPU (float32
+    unless ``variant`` weights load), with ``vae`` (a hub id or folder) in place of the model's own.
 
     Offline (see :mod:`cpds_exp.hub`), a hub id loads from the cache at once or fails at once."""
     from diffusers.utils import is_accelerate_available
 
     local = Path(pretrained).expanduser().is_dir()
-    if not local and not is_hub_id(pretrained):
-        raise CpdsError(f"cannot load model {pretrained!r}: there is no such folder and it is not a hub id such as "
-                        f"CompVis/stable-diffusion-v1-4; check model.pretrained, or use model=tiny for an offline run")
-    offline = None if local else offline_reason()
+    for name in (pretrained, vae):
+        if name is not None and not Path(name).expanduser().is_dir() and not is_hub_id(name):
+            key = "model.vae" if name is vae else "model.pretrained"
+            raise CpdsError(f"cannot load model {name!r}: there is no such folder and it is not a hub id such as "
+                            f"CompVis/stable-diffusion-v1-4; check {key}, or use model=tiny for an offline run")
+    offline = None if local and (vae is None or Path(vae).expanduser().is_dir()) else offline_reason()
     kwargs = dict(revision=revision) if revision else {}
     kwargs["local_files_only"] = offline is not None
     # without accelerate, diffusers' default (low_cpu_mem_usage=True) falls back with a notice per component
     diffusers_kwargs = dict(kwargs, low_cpu_mem_usage=is_accelerate_available())
     try:
         with quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **diffusers_kwargs)
-            vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **diffusers_kwargs)
-            text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kwargs)
-            tokenizer = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs)
-            scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs)
+            index = read_model_index(pretrained, local, **kwargs)
+            xl = "text_encoder_2" in index or (local and (Path(pretrained).expanduser() / "text_encoder_2").is_dir())
+            parts = dict(
+                unet=from_pretrained(UNet2DConditionModel, pretrained, variant, subfolder="unet", **diffusers_kwargs),
+                vae=from_pretrained(AutoencoderKL, pretrained, variant, subfolder="vae", **diffusers_kwargs)
+                if vae is None else from_pretrained(AutoencoderKL, vae, variant, local_files_only=offline is not None,
+                                                    low_cpu_mem_usage=diffusers_kwargs["low_cpu_mem_usage"]),
+                text_encoder=from_pretrained(CLIPTextModel, pretrained, variant, subfolder="text_encoder", **kwargs),
+                tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs),
+                scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs))
+            if xl:
+                parts.update(
+                    text_encoder_2=from_pretrained(CLIPTextModelWithProjection, pretrained, variant,
+                                                   subfolder="text_encoder_2", **kwargs),
+                    tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
+                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
     except (OSError, ValueError) as err:
         if offline:
-            raise weights_unavailable(f"model {pretrained!r}", SD_DOWNLOAD_SIZE, offline,
+            raise weights_unavailable(f"model {pretrained!r}", download_size(pretrained, half), offline,
                                       ", or model.pretrained=/path/to/a/diffusers/folder") from err
         where = "the folder" if local else "the hub"
         raise CpdsError(f"cannot load model {pretrained!r}: {where} refused it ({one_line(err)}); check "
                         "model.pretrained (a hub id or a local diffusers folder), or use model=tiny for an offline run"
                         ) from err
-    _check_tokenizer(tokenizer, pretrained)
-    resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    return SDStack(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                   device=torch.device("cpu"), dtype=torch.float32, resolution=resolution).freeze()
+    for tokenizer in (parts["tokenizer"], parts.get("tokenizer_2")):
+        if tokenizer is not None:
+            _check_tokenizer(tokenizer, pretrained)
+    unet, vae_model = parts["unet"], parts["vae"]
+    resolution = unet.config.sample_size * 2 ** (len(vae_model.config.block_out_channels) - 1)
+    return SDStack(**parts, device=torch.device("cpu"), dtype=torch.float32, resolution=resolution).freeze()
 
 
 @contextlib.contextmanager
@@ -232,14 +365,35 @@ def quiet_loading():
 
 
 def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto", seed: int = 0,
-               revision: str | None = None) -> SDStack:
-    """The one entry point: ``pretrained`` None builds the tiny stack, else loads it; then moves it."""
+               revision: str | None = None, *, architecture: str | None = None, prediction_type: str | None = None,
+               vae: str | None = None, variant: str | None = "auto") -> SDStack:
+    """The one entry point: ``pretrained`` None builds the tiny stack of ``architecture`` (default sd),
+    else loads it (``architecture``, if given, is checked); then moves it to the device and dtype.
+
+    ``prediction_type`` overrides the scheduler's; ``variant`` "auto" loads fp16 weights for a
+    half-precision run where the repository has them. SDXL's own VAE stays in float32 in a float16
+    run, as SDXL's pipeline keeps it (it overflows in float16), unless ``vae`` replaces it."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
-    stack = build_tiny(seed) if pretrained is None else load_pretrained(pretrained, revision)
-    for module in (stack.unet, stack.vae, stack.text_encoder):
-        module.to(target_device)
-        if target_dtype != torch.float32:  # building and loading give float32
-            module.to(target_dtype)
+    half = target_dtype in (torch.float16, torch.bfloat16)
+    if architecture is not None:
+        check_architecture(architecture)
+    if pretrained is None:
+        stack = build_tiny(seed, architecture or "sd")
+    else:
+        stack = load_pretrained(pretrained, revision, "fp16" if variant == "auto" and half else
+                                (None if variant == "auto" else variant), vae, half)
+        if architecture is not None and architecture != stack.architecture:
+            raise CpdsError(f"model.architecture={architecture} but {pretrained} is an {stack.architecture} model: "
+                            "set model.architecture=null (read from the model) or choose the matching model")
+    if prediction_type is not None:
+        stack.scheduler = DDPMScheduler.from_config(stack.scheduler.config, prediction_type=prediction_type)
+    if stack.prediction_type not in PREDICTION_TYPES:
+        raise CpdsError(f"the scheduler of {pretrained or 'the tiny model'} predicts {stack.prediction_type!r}, not one of "
+                        f"{', '.join(PREDICTION_TYPES)}: set model.prediction_type to what its UNet predicts")
+    for module in stack.modules():
+        module.to(target_device, target_dtype)
+    if stack.architecture == "sdxl" and target_dtype == torch.float16 and stack.vae.config.force_upcast:
+        stack.vae.to(torch.float32)
     stack.device, stack.dtype = target_device, target_dtype
     return stack

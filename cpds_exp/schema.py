@@ -101,15 +101,47 @@ class TaskConfig:
     target_prompt: str
 
 
+def since_added(default: Any) -> Any:
+    """A field added after edits were recorded: left out of the resume fingerprint while at its
+    default, so those edits still resume (set, it changes the result like any other field)."""
+    return field(default=default, metadata={"fingerprint_at_default": False})
+
+
+class Architecture(str, Enum):
+    """SD 1.x/2.x (one CLIP text encoder) or SDXL (two, with pooled embeddings and time ids)."""
+
+    sd = "sd"
+    sdxl = "sdxl"
+
+
+class PredictionType(str, Enum):
+    """What a UNet predicts (diffusers' ``prediction_type``); the editor converts it to ε."""
+
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
 @dataclass
 class ModelConfig:
-    """``pretrained``: a hub id or a local diffusers folder; null builds the tiny offline stack."""
+    """``pretrained``: a hub id or a local diffusers folder; null builds the tiny offline stack.
+
+    ``architecture``: which tiny stack to build (null: sd); a loaded model's is read from its
+    model_index.json and checked against this when set. ``prediction_type``: null reads the
+    scheduler's; set it only for a model whose scheduler config is wrong. ``vae``: a hub id or
+    folder of a VAE to use instead of the model's (SDXL in float16: madebyollin/sdxl-vae-fp16-fix).
+    ``variant``: auto loads fp16 weights for a half-precision run where the repository has them
+    (half the download), null the full-precision ones, or name a variant."""
 
     name: str
     pretrained: Optional[str]
     resolution: int
     revision: Optional[str] = None
     seed: int = 0
+    architecture: Optional[Architecture] = since_added(None)
+    prediction_type: Optional[PredictionType] = since_added(None)
+    vae: Optional[str] = since_added(None)
+    variant: Optional[str] = neutral("auto")
 
 
 # --- selectors: every option of the selector group has a schema, all with the training options --
@@ -349,8 +381,12 @@ class AppConfig:
 
 #: Config keys that do not change an edit's result: a finished edit is reused across them, and they
 #: enter neither the resume fingerprint nor a sweep's job folder names. Dotted keys name a group's field.
-NON_SEMANTIC_KEYS = tuple(f.name for f in fields(AppConfig) if not f.metadata.get("changes_result", True)) + (
-    "dataset.limit",)
+NON_SEMANTIC_KEYS = tuple(f.name for f in fields(AppConfig) if not f.metadata.get("changes_result", True)) + tuple(
+    f"model.{f.name}" for f in fields(ModelConfig) if not f.metadata.get("changes_result", True)) + ("dataset.limit",)
+
+#: Dotted keys left out of the resume fingerprint while at these defaults (fields added later).
+FINGERPRINT_DEFAULTS = {f"model.{f.name}": f.default for f in fields(ModelConfig)
+                        if not f.metadata.get("fingerprint_at_default", True)}
 
 
 def register_configs() -> None:

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from cpds_exp.errors import CpdsError
+
 #: The published scaling of the score term: 2000 / (latent height * latent width).
 SCORE_NUMERATOR = 2000.0
 
@@ -64,6 +66,28 @@ def add_noise(z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: 
     """Forward noising z_t = √ᾱ_t z + √(1 − ᾱ_t) ε."""
     abar = alpha_bar(scheduler, t).to(z.device)
     return _per_sample(abar.sqrt(), z) * z + _per_sample((1 - abar).sqrt(), z) * noise
+
+
+#: What a UNet can be trained to predict (diffusers' ``scheduler.config.prediction_type``).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def to_epsilon(output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, scheduler: NoiseSchedule,
+               prediction_type: str) -> torch.Tensor:
+    """The noise ε that a UNet output implies at z_t, so guidance, DDS, PDS and CUT read ε alone.
+
+    v-prediction (SD 2.x 768): v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 and z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε give
+    ε = √ᾱ_t v + √(1 − ᾱ_t) z_t; a sample (z_0) prediction gives ε = (z_t − √ᾱ_t z_0) / √(1 − ᾱ_t).
+    """
+    if prediction_type == "epsilon":
+        return output
+    abar = alpha_bar(scheduler, t).to(output.device)
+    if prediction_type == "v_prediction":
+        return _per_sample(abar.sqrt(), output) * output + _per_sample((1 - abar).sqrt(), output) * z_t
+    if prediction_type == "sample":
+        return (z_t - _per_sample(abar.sqrt(), output) * output) / _per_sample((1 - abar).sqrt(), output)
+    raise CpdsError(f"the scheduler's prediction_type={prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}: "
+                    "set model.prediction_type to what the UNet was trained to predict")
 
 
 def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

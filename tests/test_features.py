@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
+from cpds_exp.conditioning import Conditioning
 from cpds_exp.cut import cut_loss
 from cpds_exp.errors import CpdsError
 from cpds_exp.editing.features import FeatureCapture
@@ -44,7 +45,8 @@ def test_one_pass_features_equal_a_separate_forward(tiny_stack):
     capture = FeatureCapture(tiny_stack.unet)
     with torch.no_grad():
         eps = tiny_stack.unet(torch.cat([zt_src, zt_src, zt_trg, zt_trg]), t.repeat(4),
-                              encoder_hidden_states=torch.cat([emb["uncond"], emb["src"], emb["uncond"], emb["trg"]])).sample
+                              **Conditioning.cat([emb["uncond"], emb["src"], emb["uncond"], emb["trg"]]).unet_kwargs()
+                              ).sample
     feats = capture.features()
     e_su, e_sc, e_tu, e_tc = eps.chunk(4)
     w = editor.settings.guidance_scale
@@ -62,7 +64,7 @@ def test_cut_gradient_reaches_the_latent_and_matches_finite_differences(tiny_sta
     z_trg, zt_src, _, t, emb = branch_inputs(make_editor(tiny_stack))
     stack64 = dataclasses.replace(tiny_stack, unet=copy.deepcopy(tiny_stack.unet).double(), dtype=torch.float64)
     editor = make_editor(stack64, "cds")
-    emb = {k: v.double() for k, v in emb.items()}
+    emb = {k: v.to(torch.float64) for k, v in emb.items()}
     z_trg = z_trg.detach().double().requires_grad_(True)
     zt_src, noise = zt_src.double(), torch.randn(z_trg.shape, dtype=torch.float64)
 

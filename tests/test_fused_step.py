@@ -26,7 +26,7 @@ def plain_edit(stack, image, source, target, score, use_cut, iterations, lr, see
     sched = stack.scheduler
 
     def eps(z, t, cond):
-        return unet(z, t, encoder_hidden_states=cond).sample
+        return unet(z, t, **cond.unet_kwargs()).sample
 
     for _ in range(iterations):
         t = random.timesteps(50, 950)

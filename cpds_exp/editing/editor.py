@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from cpds_exp.conditioning import Conditioning
 from cpds_exp.models import SDStack
 from cpds_exp.scores import add_noise, guided
 from cpds_exp.editing.selector_training import SelectorTraining
@@ -49,7 +50,7 @@ class EditState:
 
     z_src: torch.Tensor
     z_trg: torch.Tensor
-    emb: dict[str, torch.Tensor]
+    emb: dict[str, Conditioning]
     optimizer: torch.optim.Optimizer
     random: RowRandom
     rounds: list[list[dict[str, float | None]]]  # per row, the terms' selector training rounds so far
@@ -113,8 +114,8 @@ class Editor:
         return torch.compile(unet, mode=s.compile_mode, backend=s.compile_backend) if s.compile else unet
 
     # --- encoding and decoding -------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.stack.encode_prompts(prompts)
+    def encode_prompts(self, prompts: Sequence[str], size: Sequence[int] | None = None) -> Conditioning:
+        return self.stack.encode_prompts(prompts, size)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.stack.encode_images(images)
@@ -123,15 +124,15 @@ class Editor:
         return self.stack.decode(latents)
 
     # --- one iteration ----------------------------------------------------------------------
-    def _unet(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        out = self.unet(z_t.to(self.stack.dtype), t, encoder_hidden_states=cond).sample
-        return out.float()
+    def _unet(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """ε in float32, whatever the model predicts (ε, v or x₀)."""
+        return self.stack.predict_noise(z_t, t, cond, self.unet)
 
     def _guided(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return guided(uncond, cond, self.settings.guidance_scale)
 
     def predict(self, zt_src: torch.Tensor, zt_trg: torch.Tensor, t: torch.Tensor,
-                emb: dict[str, torch.Tensor]) -> Prediction:
+                emb: dict[str, Conditioning]) -> Prediction:
         """Step 3: the four branches in as few UNet passes as the method allows.
 
         Without a term that reads features one no-grad pass takes all 4B branches. With one the 3B branches that need
@@ -142,12 +143,12 @@ class Editor:
         if self.capture is None:
             with torch.no_grad():
                 eps = self._unet(torch.cat([zt_src, zt_src, zt_trg, zt_trg]), t.repeat(4),
-                                 torch.cat([emb["uncond"], emb["src"], emb["uncond"], emb["trg"]]))
+                                 Conditioning.cat([emb["uncond"], emb["src"], emb["uncond"], emb["trg"]]))
             e_su, e_sc, e_tu, e_tc = eps.chunk(4)
             return Prediction(self._guided(e_su, e_sc), self._guided(e_tu, e_tc))
         with torch.no_grad():
             eps = self._unet(torch.cat([zt_src, zt_src, zt_trg.detach()]), t.repeat(3),
-                             torch.cat([emb["uncond"], emb["src"], emb["uncond"]]))
+                             Conditioning.cat([emb["uncond"], emb["src"], emb["uncond"]]))
             ref_feats = [f[batch: 2 * batch] for f in self.capture.features()]
         e_su, e_sc, e_tu = eps.chunk(3)
         e_tc = self._unet(zt_trg, t, emb["trg"])
@@ -181,7 +182,7 @@ class Editor:
         return IterationStats(iteration, t, stats, rounds)
 
     # --- the loop ---------------------------------------------------------------------------
-    def start(self, z_src: torch.Tensor, emb: dict[str, torch.Tensor], seeds: Sequence[int]) -> EditState:
+    def start(self, z_src: torch.Tensor, emb: dict[str, Conditioning], seeds: Sequence[int]) -> EditState:
         """The state of a fresh edit of latents ``z_src`` (B rows, one seed each)."""
         for term in self.terms.values():
             term.start(seeds, self.settings.iterations)
@@ -196,8 +197,9 @@ class Editor:
         s, callbacks = self.settings, callbacks or EditCallbacks()
         batch = images.shape[0]
         seeds = list(seeds) if seeds is not None else [s.seed] * batch
-        emb = {"uncond": self.encode_prompts([""] * batch), "src": self.encode_prompts(source_prompts),
-               "trg": self.encode_prompts(target_prompts)}
+        size = images.shape[-2:]  # SDXL's time ids: the image's size
+        emb = {"uncond": self.encode_prompts([""] * batch, size), "src": self.encode_prompts(source_prompts, size),
+               "trg": self.encode_prompts(target_prompts, size)}
         state = self.start(self.encode_images(images), emb, seeds)
         final: list[dict[str, float]] = [{} for _ in range(batch)]
         pending: list[IterationStats] = []

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cpds_exp.conditioning import Conditioning
 from cpds_exp.data import to_pil
 from cpds_exp.errors import CpdsError
 from cpds_exp.models import SDStack
@@ -98,10 +99,10 @@ def one_step(stack: SDStack, caption: str, noise: torch.Tensor, guidance_scale: 
     t = last_timestep(stack)
     alpha_bar = stack.scheduler.alphas_cumprod[t].float()
     text = stack.encode_prompts(["", caption])
-    cond = text.repeat_interleave(count, dim=0)
+    cond = Conditioning.cat([text[:1]] * count + [text[1:]] * count)
     z_t = noise.to(stack.device).repeat(2, 1, 1, 1)
     timesteps = torch.full((2 * count,), t, device=stack.device, dtype=torch.long)
-    pred = stack.unet(z_t.to(stack.dtype), timesteps, encoder_hidden_states=cond).sample.float().cpu()
+    pred = stack.predict_noise(z_t, timesteps, cond).cpu()
     uncond, conditional = pred.chunk(2)
     eps = guided(uncond, conditional, guidance_scale)
     x0 = (noise - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
