@@ -287,16 +287,17 @@ def from_pretrained(cls: Any, pretrained: str, variant: str | None, **kwargs: An
 
     if variant:
         try:
-            return cls.from_pretrained(pretrained, variant=variant, **kwargs)
+            with quiet_diffusers():  # diffusers logs an error before it raises for a missing variant
+                return cls.from_pretrained(pretrained, variant=variant, **kwargs)
         except (OSError, ValueError, EntryNotFoundError):
             pass  # no such variant (or not cached): the full-precision files below
     return cls.from_pretrained(pretrained, **kwargs)
 
 
 def load_pretrained(pretrained: str, revision: str | None = None, variant: str | None = None,
-                    vae: str | None = None, half: bool = False) -> SDStack:
-    """Load the SD or SDXL components of a hub id or a local diffusers folder, on the CPU (float32
-    unless ``variant`` weights load), with ``vae`` (a hub id or folder) in place of the model's own.
+                    vae: str | None = None, dtype: torch.dtype = torch.float32) -> SDStack:
+    """Load the SD or SDXL components of a hub id or a local diffusers folder on the CPU, the UNet in
+    ``dtype``, with ``vae`` (a hub id or folder) in place of the model's own.
 
     Offline (see :mod:`cpds_exp.hub`), a hub id loads from the cache at once or fails at once."""
     from diffusers.utils import is_accelerate_available
@@ -316,8 +317,9 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
         with quiet_loading():
             index = read_model_index(pretrained, local, **kwargs)
             xl = "text_encoder_2" in index or (local and (Path(pretrained).expanduser() / "text_encoder_2").is_dir())
-            parts = dict(
-                unet=from_pretrained(UNet2DConditionModel, pretrained, variant, subfolder="unet", **diffusers_kwargs),
+            parts = dict(  # the UNet, most of the weights, straight in the run's dtype
+                unet=from_pretrained(UNet2DConditionModel, pretrained, variant, subfolder="unet", torch_dtype=dtype,
+                                     **diffusers_kwargs),
                 vae=from_pretrained(AutoencoderKL, pretrained, variant, subfolder="vae", **diffusers_kwargs)
                 if vae is None else from_pretrained(AutoencoderKL, vae, variant, local_files_only=offline is not None,
                                                     low_cpu_mem_usage=diffusers_kwargs["low_cpu_mem_usage"]),
@@ -332,7 +334,7 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
                     force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
     except (OSError, ValueError) as err:
         if offline:
-            raise weights_unavailable(f"model {pretrained!r}", download_size(pretrained, half), offline,
+            raise weights_unavailable(f"model {pretrained!r}", download_size(pretrained, dtype != torch.float32), offline,
                                       ", or model.pretrained=/path/to/a/diffusers/folder") from err
         where = "the folder" if local else "the hub"
         raise CpdsError(f"cannot load model {pretrained!r}: {where} refused it ({one_line(err)}); check "
@@ -364,6 +366,19 @@ def quiet_loading():
             transformers_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' log silenced, for calls whose notices are expected and handled here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto", seed: int = 0,
                revision: str | None = None, *, architecture: str | None = None, prediction_type: str | None = None,
                vae: str | None = None, variant: str | None = "auto") -> SDStack:
@@ -382,7 +397,7 @@ def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto"
         stack = build_tiny(seed, architecture or "sd")
     else:
         stack = load_pretrained(pretrained, revision, "fp16" if variant == "auto" and half else
-                                (None if variant == "auto" else variant), vae, half)
+                                (None if variant == "auto" else variant), vae, target_dtype)
         if architecture is not None and architecture != stack.architecture:
             raise CpdsError(f"model.architecture={architecture} but {pretrained} is an {stack.architecture} model: "
                             "set model.architecture=null (read from the model) or choose the matching model")
@@ -391,9 +406,12 @@ def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto"
     if stack.prediction_type not in PREDICTION_TYPES:
         raise CpdsError(f"the scheduler of {pretrained or 'the tiny model'} predicts {stack.prediction_type!r}, not one of "
                         f"{', '.join(PREDICTION_TYPES)}: set model.prediction_type to what its UNet predicts")
-    for module in stack.modules():
-        module.to(target_device, target_dtype)
-    if stack.architecture == "sdxl" and target_dtype == torch.float16 and stack.vae.config.force_upcast:
-        stack.vae.to(torch.float32)
+    with quiet_diffusers():  # diffusers warns on every dtype cast, even of a model with no float32-only modules
+        for module in stack.modules():
+            module.to(target_device)
+            if module.dtype != target_dtype:
+                module.to(target_dtype)
+        if stack.architecture == "sdxl" and target_dtype == torch.float16 and stack.vae.config.force_upcast:
+            stack.vae.to(torch.float32)
     stack.device, stack.dtype = target_device, target_dtype
     return stack

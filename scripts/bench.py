@@ -1,11 +1,17 @@
 """Benchmark the editing step: ms per iteration and per image-iteration, edits per hour, peak
 memory, and the cost in UNet-forward equivalents, for each method, selector and batch size.
 
-The UNet is SD v1.4's exact architecture built from cpds_exp/resources/sd14_unet.json with random
-weights (no download; timings are real even if images are not), or the tiny test UNet.
+The UNet has the exact architecture of SD v1.4 (sd14), SD 2.1 (sd21, 768², v-prediction) or SDXL base
+1.0 (sdxl, 1024², pooled text and time ids), built from cpds_exp/resources/<name>_unet.json (the
+diffusers unet/config.json of the model) with random weights: no download, and timings are real even
+if images are not. tiny and tiny_sdxl are the test suite's SD- and SDXL-shaped UNets (64² and 128²),
+for smoke runs on a CPU. The conditions are random tensors of the UNet's shapes; the resolution
+defaults to the UNet's own (sample_size × 8).
 
     python scripts/bench.py                                   # GPU: SD v1.4, 512², batches 1, 8, 32
-    python scripts/bench.py --unet tiny --resolution 64 --batch-sizes 1,4 --iterations 5   # CPU smoke
+    python scripts/bench.py --unet sdxl --batch-sizes 1,4     # GPU: SDXL, 1024²
+    python scripts/bench.py --unet tiny --batch-sizes 1,4 --iterations 5                  # CPU smoke
+    python scripts/bench.py --unet tiny_sdxl --batch-sizes 1 --iterations 2 --warmup 1    # CPU smoke
     python scripts/bench.py --unet sd14 --resolution 256 --batch-sizes 1 --iterations 2 --warmup 1  # CPU
 """
 from __future__ import annotations
@@ -24,27 +30,60 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cpds_exp.cli import CONFIG_DIR
+from cpds_exp.conditioning import Conditioning, sdxl_time_ids
 from cpds_exp.config import build_terms, has_cut
 from cpds_exp.editing.editor import EditSettings, Editor
-from cpds_exp.models import SD_SCHEDULE, SDStack, build_tiny, resolve_device, resolve_dtype
+from cpds_exp.models import SD_SCHEDULE, SDStack, resolve_device, resolve_dtype, tiny_unet
 from cpds_exp.results import write_json, write_text
 from cpds_exp.editing.selector_training import SelectorTraining
 from cpds_exp.editing.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
 
-SD14_UNET = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources" / "sd14_unet.json"
+RESOURCES = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources"
+#: the real architectures, each from its diffusers config, and the tiny test UNets (architecture)
+REAL_UNETS = {name: RESOURCES / f"{name}_unet.json" for name in ("sd14", "sd21", "sdxl")}
+TINY_UNETS = {"tiny": "sd", "tiny_sdxl": "sdxl"}
+UNETS = (*REAL_UNETS, *TINY_UNETS)
+#: what each UNet predicts (all share SD's noise schedule); SD 2.1 at 768² predicts v
+PREDICTION_TYPES = {"sd21": "v_prediction"}
 SELECTORS = {"random": RandomSelector, "meta": MLPSelector, "knn": KNNSelector, "svm": SVMSelector,
              "rf": RandomForestSelector}
 
 
+def unet_config(name: str) -> dict:
+    """The diffusers config of a real architecture (sd14, sd21, sdxl)."""
+    return json.loads(REAL_UNETS[name].read_text())
+
+
 def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
-    if name == "tiny":
-        unet = build_tiny(0).unet
+    if name in TINY_UNETS:
+        torch.manual_seed(0)  # the weights of build_tiny(0, architecture)
+        unet = tiny_unet(TINY_UNETS[name])
     else:
-        unet = UNet2DConditionModel.from_config(json.loads(SD14_UNET.read_text()))
+        unet = UNet2DConditionModel.from_config(unet_config(name))
     unet.to(device)
     if dtype != torch.float32:  # built in float32
         unet.to(dtype)
     return unet.requires_grad_(False).eval()
+
+
+def scheduler_for(name: str) -> DDPMScheduler:
+    """SD's noise schedule with what the UNet ``name`` predicts."""
+    return DDPMScheduler(**SD_SCHEDULE, prediction_type=PREDICTION_TYPES.get(name, "epsilon"))
+
+
+def random_condition(unet, batch: int, resolution: int, device, dtype) -> Conditioning:
+    """A condition of the shapes the UNet reads: 77 text states of its cross-attention width and, for
+    SDXL-style UNets (``addition_embed_type`` text_time), a pooled text embedding and the time ids of a
+    square image of ``resolution`` pixels."""
+    config = unet.config
+    hidden = torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype)
+    if config.addition_embed_type is None:
+        return Conditioning(hidden)
+    if config.addition_embed_type != "text_time":
+        raise ValueError(f"addition_embed_type={config.addition_embed_type!r} is not benchmarked")
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return Conditioning(hidden, {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                 "time_ids": sdxl_time_ids(batch, resolution, resolution, device, dtype)})
 
 
 def synchronize(device: torch.device) -> None:
@@ -66,11 +105,11 @@ def forward_seconds(unet, batch: int, latent: int, device, dtype, repeats: int, 
     """The UNet's own no-grad forward time for a batch, the yardstick of the step's cost."""
     z = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
-    cond = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    cond = random_condition(unet, batch, latent * 8, device, dtype)
 
     def forward(_):
         with torch.no_grad():
-            unet(z, t, encoder_hidden_states=cond)
+            unet(z, t, **cond.unet_kwargs())
 
     for i in range(warmup):
         forward(i)
@@ -84,15 +123,13 @@ def method_config(method: str) -> DictConfig:
 
 
 def bench_step(unet, cfg: DictConfig, selector: str, batch: int, latent: int, device, dtype, args) -> dict:
-    stack = SDStack(unet=unet, vae=None, text_encoder=None, tokenizer=None, scheduler=DDPMScheduler(**SD_SCHEDULE),
-                    device=device, dtype=dtype, resolution=latent * 8)
+    stack = SDStack(unet, None, None, None, scheduler_for(args.unet), device, dtype, latent * 8)
     settings = EditSettings(lr=cfg.method.lr, progress=False, compile=args.compile, compile_mode=args.compile_mode,
                             channels_last=args.channels_last, gradient_checkpointing=args.gradient_checkpointing)
     editor = Editor(stack, settings, build_terms(cfg), functools.partial(torch.optim.SGD),
                     functools.partial(SELECTORS[selector]), SelectorTraining(train_every=10))
     z = torch.randn(batch, 4, latent, latent, device=device)
-    emb = {k: torch.randn(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-           for k in ("uncond", "src", "trg")}
+    emb = {k: random_condition(unet, batch, latent * 8, device, dtype) for k in ("uncond", "src", "trg")}
     state = editor.start(z, emb, seeds=list(range(batch)))
     for i in range(args.warmup):
         editor.step(state, i + 1)
@@ -105,8 +142,10 @@ def bench_step(unet, cfg: DictConfig, selector: str, batch: int, latent: int, de
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", choices=("sd14", "tiny"), default="sd14")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--unet", choices=UNETS, default="sd14",
+                        help="sd14, sd21, sdxl: the real architectures; tiny, tiny_sdxl: the test UNets")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels; default the UNet's own (512, 768, 1024; tiny 64, tiny_sdxl 128)")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--methods", default="dds,pds,cds,cpds")
     parser.add_argument("--selectors", default="random,meta",
@@ -124,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    latent = args.resolution // 8
     unet = build_unet(args.unet, device, dtype)
+    if args.resolution is None:
+        args.resolution = unet.config.sample_size * 8
+    latent = args.resolution // 8
+    parameters = sum(p.numel() for p in unet.parameters())
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
@@ -147,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 })
                 print(json.dumps(rows[-1]), flush=True)
     meta = {"device": device_name, "dtype": str(dtype).removeprefix("torch."), "unet": args.unet,
+            "unet_parameters": parameters, "prediction_type": PREDICTION_TYPES.get(args.unet, "epsilon"),
             "resolution": args.resolution, "iterations": args.iterations, "warmup": args.warmup,
             "compile": args.compile, "channels_last": args.channels_last, "torch": torch.__version__}
     write_json(args.out / "bench.json", {"meta": meta, "rows": rows})
@@ -160,7 +203,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     def fmt(value, digits=1):
         return "–" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{meta['unet']} UNet, {meta['resolution']}², {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
+    lines = [f"{meta['unet']} UNet ({meta['unet_parameters']:,} parameters), {meta['resolution']}², {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
              f"{', compiled' if meta['compile'] else ''}", "",
              "| method | selector | batch | ms/iter | ms/image-iter | s/edit (amortised) | edits/hour | peak GiB | "
              "UNet fwd ms/image | fwd-equivalents |",

@@ -155,7 +155,7 @@ def test_help_says_what_this_is_where_the_readme_is_and_lists_groups_and_experim
     assert "+experiment=NAME" in proc.stdout
     experiments = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
     assert lines[lines.index(next(l for l in lines if "+experiment=NAME" in l)) + 1] == ", ".join(experiments)
-    assert "model:     sd14*, sd15, tiny" in lines and "task:      cat2cow, cat2dog*, cat2pig" in lines
+    assert "model:     sd14*, sd15, sd21, sd21base, sdxl, tiny, tiny_sdxl, tiny_v" in lines and "task:      cat2cow, cat2dog*, cat2pig" in lines
     assert "_schema" not in proc.stdout.split("== Config (")[0]  # the typed schemas are not options to pick
 
 

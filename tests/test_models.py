@@ -60,3 +60,30 @@ def test_device_and_dtype_resolution():
         with pytest.raises(CpdsError, match="device=cpu"):
             resolve_device("cuda")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_half_precision_runs_load_the_fp16_variant_where_the_folder_has_it(tiny_stack, tmp_path):
+    import copy
+    import dataclasses
+
+    folder = tmp_path / "sd"
+    tiny_stack.save_pretrained(folder)
+    full_only = load_stack(str(folder), device="cpu", dtype="float16")  # no variant files yet: the full weights
+    assert full_only.unet.dtype == torch.float16
+    marked = dataclasses.replace(tiny_stack, unet=copy.deepcopy(tiny_stack.unet),
+                                 text_encoder=copy.deepcopy(tiny_stack.text_encoder))
+    torch.nn.init.constant_(marked.unet.conv_in.bias, 0.5)  # tells the variant's files from the full ones
+    torch.nn.init.constant_(marked.text_encoder.final_layer_norm.bias, 0.25)
+    marked.save_pretrained(tmp_path / "variant", variant="fp16")
+    for sub in ("unet", "text_encoder"):
+        for path in (tmp_path / "variant" / sub).glob("*.fp16.*"):
+            (folder / sub / path.name).write_bytes(path.read_bytes())
+
+    def marks(stack):
+        return (bool((stack.unet.conv_in.bias == 0.5).all()),
+                bool((stack.text_encoder.final_layer_norm.bias == 0.25).all()))
+
+    assert marks(load_stack(str(folder), device="cpu", dtype="float16")) == (True, True)
+    assert marks(load_stack(str(folder), device="cpu", dtype="float32")) == (False, False)
+    assert marks(load_stack(str(folder), device="cpu", dtype="float16", variant=None)) == (False, False)
+    assert marks(full_only) == (False, False)
