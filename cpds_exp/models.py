@@ -302,50 +302,57 @@ def load_pretrained(pretrained: str, revision: str | None = None, variant: str |
     Offline (see :mod:`cpds_exp.hub`), a hub id loads from the cache at once or fails at once."""
     from diffusers.utils import is_accelerate_available
 
-    local = Path(pretrained).expanduser().is_dir()
-    for name in (pretrained, vae):
-        if name is not None and not Path(name).expanduser().is_dir() and not is_hub_id(name):
-            key = "model.vae" if name is vae else "model.pretrained"
+    local = {name: Path(name).expanduser().is_dir() for name in (pretrained, vae) if name is not None}
+    for name, key in ((pretrained, "model.pretrained"), (vae, "model.vae")):
+        if name is not None and not local[name] and not is_hub_id(name):
             raise CpdsError(f"cannot load model {name!r}: there is no such folder and it is not a hub id such as "
                             f"CompVis/stable-diffusion-v1-4; check {key}, or use model=tiny for an offline run")
-    offline = None if local and (vae is None or Path(vae).expanduser().is_dir()) else offline_reason()
-    kwargs = dict(revision=revision) if revision else {}
+    offline = None if all(local.values()) else offline_reason()
+    kwargs: dict[str, Any] = dict(revision=revision) if revision else {}
     kwargs["local_files_only"] = offline is not None
     # without accelerate, diffusers' default (low_cpu_mem_usage=True) falls back with a notice per component
     diffusers_kwargs = dict(kwargs, low_cpu_mem_usage=is_accelerate_available())
-    try:
-        with quiet_loading():
-            index = read_model_index(pretrained, local, **kwargs)
-            xl = "text_encoder_2" in index or (local and (Path(pretrained).expanduser() / "text_encoder_2").is_dir())
-            parts = dict(  # the UNet, most of the weights, straight in the run's dtype
-                unet=from_pretrained(UNet2DConditionModel, pretrained, variant, subfolder="unet", torch_dtype=dtype,
-                                     **diffusers_kwargs),
-                vae=from_pretrained(AutoencoderKL, pretrained, variant, subfolder="vae", **diffusers_kwargs)
-                if vae is None else from_pretrained(AutoencoderKL, vae, variant, local_files_only=offline is not None,
-                                                    low_cpu_mem_usage=diffusers_kwargs["low_cpu_mem_usage"]),
-                text_encoder=from_pretrained(CLIPTextModel, pretrained, variant, subfolder="text_encoder", **kwargs),
-                tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs),
-                scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs))
-            if xl:
-                parts.update(
-                    text_encoder_2=from_pretrained(CLIPTextModelWithProjection, pretrained, variant,
-                                                   subfolder="text_encoder_2", **kwargs),
-                    tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
-                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
-    except (OSError, ValueError) as err:
-        if offline:
-            raise weights_unavailable(f"model {pretrained!r}", download_size(pretrained, dtype != torch.float32), offline,
-                                      ", or model.pretrained=/path/to/a/diffusers/folder") from err
-        where = "the folder" if local else "the hub"
-        raise CpdsError(f"cannot load model {pretrained!r}: {where} refused it ({one_line(err)}); check "
-                        "model.pretrained (a hub id or a local diffusers folder), or use model=tiny for an offline run"
-                        ) from err
+    size = download_size(pretrained, dtype != torch.float32)
+    with quiet_loading(), refused(pretrained, "model.pretrained", local[pretrained], offline, size):
+        index = read_model_index(pretrained, local[pretrained], **kwargs)
+        xl = "text_encoder_2" in index or (local[pretrained] and (Path(pretrained).expanduser() / "text_encoder_2").is_dir())
+        parts = dict(  # the UNet, most of the weights, straight in the run's dtype
+            unet=from_pretrained(UNet2DConditionModel, pretrained, variant, subfolder="unet", torch_dtype=dtype,
+                                 **diffusers_kwargs),
+            text_encoder=from_pretrained(CLIPTextModel, pretrained, variant, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **kwargs),
+            scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **kwargs))
+        if vae is None:
+            parts["vae"] = from_pretrained(AutoencoderKL, pretrained, variant, subfolder="vae", **diffusers_kwargs)
+        if xl:
+            parts.update(
+                text_encoder_2=from_pretrained(CLIPTextModelWithProjection, pretrained, variant,
+                                               subfolder="text_encoder_2", **kwargs),
+                tokenizer_2=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", **kwargs),
+                force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+    if vae is not None:  # a VAE repository or folder holds the VAE alone (config.json at its top)
+        with quiet_loading(), refused(vae, "model.vae", local[vae], offline, None):
+            parts["vae"] = from_pretrained(AutoencoderKL, vae, variant, local_files_only=offline is not None,
+                                           low_cpu_mem_usage=diffusers_kwargs["low_cpu_mem_usage"])
     for tokenizer in (parts["tokenizer"], parts.get("tokenizer_2")):
         if tokenizer is not None:
             _check_tokenizer(tokenizer, pretrained)
-    unet, vae_model = parts["unet"], parts["vae"]
-    resolution = unet.config.sample_size * 2 ** (len(vae_model.config.block_out_channels) - 1)
+    resolution = parts["unet"].config.sample_size * 2 ** (len(parts["vae"].config.block_out_channels) - 1)
     return SDStack(**parts, device=torch.device("cpu"), dtype=torch.float32, resolution=resolution).freeze()
+
+
+@contextlib.contextmanager
+def refused(name: str, key: str, local: bool, offline: str | None, size: str | None):
+    """A refused load of ``name`` (the value of config ``key``) as one line naming every way on."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if offline and not local:
+            raise weights_unavailable(f"model {name!r}", size, offline,
+                                      f", or {key}=/path/to/a/diffusers/folder") from err
+        where = "the folder" if local else "the hub"
+        raise CpdsError(f"cannot load model {name!r}: {where} refused it ({one_line(err)}); check "
+                        f"{key} (a hub id or a local diffusers folder), or use model=tiny for an offline run") from err
 
 
 @contextlib.contextmanager

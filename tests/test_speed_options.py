@@ -45,3 +45,50 @@ def test_benchmark_runs_on_cpu(tmp_path, monkeypatch):
         assert row["edits_per_hour"] == pytest.approx(3600 / (0.2 * row["ms_per_image_iteration"]))
         assert row["forward_equivalents"] > 0
     assert "| cpds | meta | 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def run_bench(tmp_path, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *args, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(REPO / "scripts" / "bench.py"), run_name="__main__")
+    assert info.value.code == 0
+    return json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_benchmark_runs_an_sdxl_shaped_unet(tmp_path, monkeypatch):
+    """Pooled text and time ids reach the UNet; the resolution defaults to the UNet's own (16 × 8)."""
+    result = run_bench(tmp_path, monkeypatch, "--unet", "tiny_sdxl", "--batch-sizes", "2", "--methods", "cpds",
+                       "--selectors", "random", "--iterations", "1", "--warmup", "0")
+    meta = result["meta"]
+    assert (meta["unet"], meta["resolution"], meta["prediction_type"]) == ("tiny_sdxl", 128, "epsilon")
+    assert [(r["method"], r["selector"], r["batch"]) for r in result["rows"]] == [("cpds", "random", 2)]
+    assert f"tiny_sdxl UNet ({meta['unet_parameters']:,} parameters), 128²" in (tmp_path / "bench.md").read_text()
+
+
+# the real architectures: parameters of the diffusers models, and the self-attention layers of the
+# up blocks that CUT captures by default (SD: 3 blocks × 3 attentions; SDXL: 3 × 10 + 3 × 2 transformer blocks)
+REAL_UNETS = {"sd14": (859_520_964, 9, 512), "sd21": (865_910_724, 9, 768), "sdxl": (2_567_463_684, 36, 1024)}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_UNETS))
+def test_benchmark_unet_configs_are_the_real_architectures(name):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from cpds_exp.editing.features import DEFAULT_CUT_LAYERS, match_layers
+
+    bench = runpy.run_path(str(REPO / "scripts" / "bench.py"))
+    parameters, cut_layers, resolution = REAL_UNETS[name]
+    with torch.device("meta"):  # shapes only: no memory, no time
+        unet = UNet2DConditionModel.from_config(bench["unet_config"](name))
+    assert sum(p.numel() for p in unet.parameters()) == parameters
+    assert len(match_layers(unet, DEFAULT_CUT_LAYERS)) == cut_layers
+    assert unet.config.sample_size * 8 == resolution
+    condition = bench["random_condition"](unet, 2, resolution, torch.device("meta"), torch.float16)
+    assert condition.hidden.shape == (2, 77, unet.config.cross_attention_dim)
+    if name == "sdxl":  # two text encoders' pooled width 1280, the time ids of a 1024² image
+        assert condition.added["text_embeds"].shape == (2, 1280) and condition.added["time_ids"].shape == (2, 6)
+    else:
+        assert condition.added == {}
+    prediction = bench["scheduler_for"](name).config.prediction_type
+    assert prediction == ("v_prediction" if name == "sd21" else "epsilon")
