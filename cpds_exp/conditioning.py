@@ -49,3 +49,17 @@ def sdxl_time_ids(batch: int, height: int, width: int, device: torch.device, dty
     the image's, crop corner (0, 0)."""
     ids = torch.tensor([height, width, 0, 0, height, width], device=device, dtype=dtype)
     return ids.expand(batch, 6).clone()
+
+
+def random_conditioning(unet_config: Any, batch: int, resolution: int, device: torch.device | str,
+                        dtype: torch.dtype) -> Conditioning:
+    """A condition of the shapes a UNet reads (its config: cross-attention width and, for SDXL-style
+    ``addition_embed_type: text_time``, the pooled width), with random values: benchmarks and estimates."""
+    hidden = torch.randn(batch, 77, unet_config.cross_attention_dim, device=device, dtype=dtype)
+    if unet_config.addition_embed_type is None:
+        return Conditioning(hidden)
+    if unet_config.addition_embed_type != "text_time":
+        raise ValueError(f"addition_embed_type={unet_config.addition_embed_type!r} is not supported")
+    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    return Conditioning(hidden, {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+                                 "time_ids": sdxl_time_ids(batch, resolution, resolution, torch.device(device), dtype)})

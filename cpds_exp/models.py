@@ -37,6 +37,14 @@ SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
 #: The architectures a stack can have: SD 1.x/2.x (one CLIP text encoder) and SDXL.
 ARCHITECTURES = ("sd", "sdxl")
 
+#: The diffusers unet/config.json of SD v1.4, SD 2.1 (768², v-prediction) and SDXL base 1.0, shipped so
+#: that their exact UNets can be built with random weights offline (benchmarks, estimates).
+UNET_CONFIGS = {name: Path(__file__).parent / "resources" / f"{name}_unet.json" for name in ("sd14", "sd21", "sdxl")}
+
+
+def unet_config(name: str) -> dict[str, Any]:
+    return json.loads(UNET_CONFIGS[name].read_text())
+
 
 @dataclass
 class SDStack:
@@ -104,7 +112,7 @@ class SDStack:
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       unet: torch.nn.Module | None = None) -> torch.Tensor:
         """ε(z_t, t, cond) in float32 whatever the UNet predicts; ``unet`` may be a compiled copy."""
-        out = (unet or self.unet)(z_t.to(self.dtype), t, **cond.unet_kwargs()).sample.float()
+        out = (self.unet if unet is None else unet)(z_t.to(self.dtype), t, **cond.unet_kwargs()).sample.float()
         return to_epsilon(out, z_t.float(), t, self.scheduler, self.prediction_type)
 
     @torch.no_grad()

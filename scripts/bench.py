@@ -30,28 +30,22 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from cpds_exp.cli import CONFIG_DIR
-from cpds_exp.conditioning import Conditioning, sdxl_time_ids
+from cpds_exp.conditioning import random_conditioning
 from cpds_exp.config import build_terms, has_cut
 from cpds_exp.editing.editor import EditSettings, Editor
-from cpds_exp.models import SD_SCHEDULE, SDStack, resolve_device, resolve_dtype, tiny_unet
+from cpds_exp.models import (SD_SCHEDULE, UNET_CONFIGS, SDStack, quiet_diffusers, resolve_device, resolve_dtype,
+                             tiny_unet, unet_config)
 from cpds_exp.results import write_json, write_text
 from cpds_exp.editing.selector_training import SelectorTraining
 from cpds_exp.editing.selectors import KNNSelector, MLPSelector, RandomForestSelector, RandomSelector, SVMSelector
 
-RESOURCES = Path(__file__).resolve().parent.parent / "cpds_exp" / "resources"
-#: the real architectures, each from its diffusers config, and the tiny test UNets (architecture)
-REAL_UNETS = {name: RESOURCES / f"{name}_unet.json" for name in ("sd14", "sd21", "sdxl")}
+#: the real architectures (cpds_exp.models.UNET_CONFIGS) and the tiny test UNets (their architecture)
 TINY_UNETS = {"tiny": "sd", "tiny_sdxl": "sdxl"}
-UNETS = (*REAL_UNETS, *TINY_UNETS)
+UNETS = (*UNET_CONFIGS, *TINY_UNETS)
 #: what each UNet predicts (all share SD's noise schedule); SD 2.1 at 768² predicts v
 PREDICTION_TYPES = {"sd21": "v_prediction"}
 SELECTORS = {"random": RandomSelector, "meta": MLPSelector, "knn": KNNSelector, "svm": SVMSelector,
              "rf": RandomForestSelector}
-
-
-def unet_config(name: str) -> dict:
-    """The diffusers config of a real architecture (sd14, sd21, sdxl)."""
-    return json.loads(REAL_UNETS[name].read_text())
 
 
 def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
@@ -60,30 +54,14 @@ def build_unet(name: str, device: torch.device, dtype: torch.dtype) -> UNet2DCon
         unet = tiny_unet(TINY_UNETS[name])
     else:
         unet = UNet2DConditionModel.from_config(unet_config(name))
-    unet.to(device)
-    if dtype != torch.float32:  # built in float32
-        unet.to(dtype)
+    with quiet_diffusers():  # diffusers warns on every dtype cast
+        unet.to(device, dtype)
     return unet.requires_grad_(False).eval()
 
 
 def scheduler_for(name: str) -> DDPMScheduler:
     """SD's noise schedule with what the UNet ``name`` predicts."""
     return DDPMScheduler(**SD_SCHEDULE, prediction_type=PREDICTION_TYPES.get(name, "epsilon"))
-
-
-def random_condition(unet, batch: int, resolution: int, device, dtype) -> Conditioning:
-    """A condition of the shapes the UNet reads: 77 text states of its cross-attention width and, for
-    SDXL-style UNets (``addition_embed_type`` text_time), a pooled text embedding and the time ids of a
-    square image of ``resolution`` pixels."""
-    config = unet.config
-    hidden = torch.randn(batch, 77, config.cross_attention_dim, device=device, dtype=dtype)
-    if config.addition_embed_type is None:
-        return Conditioning(hidden)
-    if config.addition_embed_type != "text_time":
-        raise ValueError(f"addition_embed_type={config.addition_embed_type!r} is not benchmarked")
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    return Conditioning(hidden, {"text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
-                                 "time_ids": sdxl_time_ids(batch, resolution, resolution, device, dtype)})
 
 
 def synchronize(device: torch.device) -> None:
@@ -105,7 +83,7 @@ def forward_seconds(unet, batch: int, latent: int, device, dtype, repeats: int, 
     """The UNet's own no-grad forward time for a batch, the yardstick of the step's cost."""
     z = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
     t = torch.full((batch,), 500, device=device)
-    cond = random_condition(unet, batch, latent * 8, device, dtype)
+    cond = random_conditioning(unet.config, batch, latent * 8, device, dtype)
 
     def forward(_):
         with torch.no_grad():
@@ -129,7 +107,7 @@ def bench_step(unet, cfg: DictConfig, selector: str, batch: int, latent: int, de
     editor = Editor(stack, settings, build_terms(cfg), functools.partial(torch.optim.SGD),
                     functools.partial(SELECTORS[selector]), SelectorTraining(train_every=10))
     z = torch.randn(batch, 4, latent, latent, device=device)
-    emb = {k: random_condition(unet, batch, latent * 8, device, dtype) for k in ("uncond", "src", "trg")}
+    emb = {k: random_conditioning(unet.config, batch, latent * 8, device, dtype) for k in ("uncond", "src", "trg")}
     state = editor.start(z, emb, seeds=list(range(batch)))
     for i in range(args.warmup):
         editor.step(state, i + 1)
@@ -203,7 +181,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     def fmt(value, digits=1):
         return "–" if value is None else f"{value:.{digits}f}"
 
-    lines = [f"{meta['unet']} UNet ({meta['unet_parameters']:,} parameters), {meta['resolution']}², {meta['dtype']}, {meta['device']}, torch {meta['torch']}"
+    lines = [f"{meta['unet']} UNet ({meta['unet_parameters']:,} parameters), {meta['resolution']}², {meta['dtype']}, "
+             f"{meta['device']}, torch {meta['torch']}"
              f"{', compiled' if meta['compile'] else ''}", "",
              "| method | selector | batch | ms/iter | ms/image-iter | s/edit (amortised) | edits/hour | peak GiB | "
              "UNet fwd ms/image | fwd-equivalents |",

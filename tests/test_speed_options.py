@@ -75,16 +75,18 @@ def test_benchmark_unet_configs_are_the_real_architectures(name):
     import torch
     from diffusers import UNet2DConditionModel
 
+    from cpds_exp.conditioning import random_conditioning
     from cpds_exp.editing.features import DEFAULT_CUT_LAYERS, match_layers
+    from cpds_exp.models import unet_config
 
     bench = runpy.run_path(str(REPO / "scripts" / "bench.py"))
     parameters, cut_layers, resolution = REAL_UNETS[name]
     with torch.device("meta"):  # shapes only: no memory, no time
-        unet = UNet2DConditionModel.from_config(bench["unet_config"](name))
+        unet = UNet2DConditionModel.from_config(unet_config(name))
     assert sum(p.numel() for p in unet.parameters()) == parameters
     assert len(match_layers(unet, DEFAULT_CUT_LAYERS)) == cut_layers
     assert unet.config.sample_size * 8 == resolution
-    condition = bench["random_condition"](unet, 2, resolution, torch.device("meta"), torch.float16)
+    condition = random_conditioning(unet.config, 2, resolution, "meta", torch.float16)
     assert condition.hidden.shape == (2, 77, unet.config.cross_attention_dim)
     if name == "sdxl":  # two text encoders' pooled width 1280, the time ids of a 1024² image
         assert condition.added["text_embeds"].shape == (2, 1280) and condition.added["time_ids"].shape == (2, 6)

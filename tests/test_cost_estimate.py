@@ -1,4 +1,4 @@
-"""The GPU memory estimate (scripts/memory_estimate.py) counts what the CUT backward keeps, on the meta device."""
+"""The GPU memory estimate (scripts/cost_estimate.py) counts what the CUT backward keeps, on the meta device."""
 import runpy
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from cpds_exp.models import tiny_unet
 
-estimate_module = runpy.run_path(str(REPO / "scripts" / "memory_estimate.py"))
+estimate_module = runpy.run_path(str(REPO / "scripts" / "cost_estimate.py"))
 
 
 @pytest.mark.parametrize("architecture,resolution", [("sd", 64), ("sdxl", 128)])
@@ -32,6 +32,15 @@ def test_attention_is_counted_as_a_fused_kernel_keeps_it():
         out = estimate_module["fused_attention"](q, q, q)
     assert out.shape == q.shape
     assert (2, 4, 256, 256) not in saved and (2, 4, 256) in saved
+
+
+def test_the_work_of_an_edit_counts_four_forwards_and_the_cut_backward():
+    config = dict(tiny_unet("sd").config)
+    small, large = (estimate_module["estimate"]("tiny", 1, torch.float16, resolution, config, 1.0, iterations=10)
+                    for resolution in (64, 128))
+    assert small["dds_edit_tflop"] == pytest.approx(10 * 4 * small["forward_tflop"])
+    assert small["dds_edit_tflop"] < small["cut_edit_tflop"] < small["dds_edit_tflop"] * 1.5  # + about one pass
+    assert large["forward_tflop"] >= 3.9 * small["forward_tflop"]  # four times the pixels
 
 
 def test_the_script_prints_a_table_for_sd14(capsys):
