@@ -123,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="sd14,sd21,sdxl")
     parser.add_argument("--batch-sizes", default="1")
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--resolution", type=int, default=None, help="default: each model's own")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--sustained-tflops", default="100,300",
                         help="assumed sustained throughputs for the seconds per edit (an H100's dense float16 peak "
                              "is about 990)")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    rows = [estimate(model, int(batch), dtype, iterations=args.iterations) for model in args.models.split(",")
+    rows = [estimate(model, int(batch), dtype, args.resolution, iterations=args.iterations)
+            for model in args.models.split(",")
             for batch in args.batch_sizes.split(",")]
     print(markdown(rows, [float(s) for s in args.sustained_tflops.split(",")]), end="")
     return 0
