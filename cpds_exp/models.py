@@ -80,9 +80,9 @@ class SDStack:
         """What the UNet predicts (epsilon, v_prediction or sample), as its scheduler says."""
         return self.scheduler.config.prediction_type
 
-    def _text_parts(self) -> list[tuple[Any, Any]]:
-        return [(self.tokenizer, self.text_encoder)] + (
-            [(self.tokenizer_2, self.text_encoder_2)] if self.text_encoder_2 is not None else [])
+    def _token_ids(self, tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+        return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids.to(self.device)
 
     # the SD operations every user of a stack shares (the editor, the extraction scores)
     @torch.no_grad()
@@ -92,16 +92,11 @@ class SDStack:
         SD 1.x/2.x: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
         states side by side, the second's pooled projection and the time ids of an image of ``size``
         (height, width; default the model's resolution)."""
-        hidden, pooled = [], None
-        for tokenizer, encoder in self._text_parts():
-            ids = tokenizer(list(prompts), padding="max_length", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(self.device)
-            if self.text_encoder_2 is None:
-                return Conditioning(encoder(ids)[0])
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's text_embeds
-        hidden = torch.cat(hidden, dim=-1)
+        if self.text_encoder_2 is None:
+            return Conditioning(self.text_encoder(self._token_ids(self.tokenizer, prompts))[0])
+        first = self.text_encoder(self._token_ids(self.tokenizer, prompts), output_hidden_states=True)
+        second = self.text_encoder_2(self._token_ids(self.tokenizer_2, prompts), output_hidden_states=True)
+        hidden, pooled = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
         if self.force_zeros_for_empty_prompt:
             kept = torch.tensor([p != "" for p in prompts], device=self.device).to(hidden.dtype)
             hidden, pooled = hidden * kept.view(-1, 1, 1), pooled * kept.view(-1, 1)
@@ -405,14 +400,14 @@ def load_stack(pretrained: str | None, device: str = "auto", dtype: str = "auto"
     run, as SDXL's pipeline keeps it (it overflows in float16), unless ``vae`` replaces it."""
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
-    half = target_dtype in (torch.float16, torch.bfloat16)
     if architecture is not None:
         check_architecture(architecture)
     if pretrained is None:
         stack = build_tiny(seed, architecture or "sd")
     else:
-        stack = load_pretrained(pretrained, revision, "fp16" if variant == "auto" and half else
-                                (None if variant == "auto" else variant), vae, target_dtype)
+        if variant == "auto":
+            variant = "fp16" if target_dtype in (torch.float16, torch.bfloat16) else None
+        stack = load_pretrained(pretrained, revision, variant, vae, target_dtype)
         if architecture is not None and architecture != stack.architecture:
             raise CpdsError(f"model.architecture={architecture} but {pretrained} is an {stack.architecture} model: "
                             "set model.architecture=null (read from the model) or choose the matching model")
