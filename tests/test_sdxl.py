@@ -152,3 +152,22 @@ def test_options_added_later_leave_earlier_fingerprints_alone(compose_config):
         assert edit_fingerprint(changed, item) != edit_fingerprint(resolved, item), key
     fp16 = {**resolved, "model": {**resolved["model"], "variant": None}}
     assert edit_fingerprint(fp16, item) == edit_fingerprint(resolved, item)  # where weights come from, not what
+
+
+def test_a_sweep_over_methods_and_the_new_model_shapes_runs_from_the_cli(tmp_path):
+    """As a user runs it: every method on the v-predicting and the SDXL-shaped tiny stacks, one multirun."""
+    import json
+    import subprocess
+    import sys
+
+    from test_cli import child_env
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "-m", "method=dds,pds,cds,cpds",
+                           "model=tiny_v,tiny_sdxl", "debug=fast", "iterations=2", "hydra.sweep.dir=sweep"],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert sorted((r["model"], r["method"]) for r in records) == sorted(
+        (model, method) for model in ("tiny_v", "tiny_sdxl") for method in ("dds", "pds", "cds", "cpds"))
+    assert all(r["status"] == "done" for r in records)
