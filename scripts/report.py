@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         if not has_wandb_credentials():
             print("error: --dashboard needs W&B credentials: run `wandb login` first", file=sys.stderr)
             return 2
-        from cpds_exp.evaluation.wandb_report import build_dashboard
+        from cpds_exp.evaluation.wandb_report import build_dashboard, sweep_tasks
 
-        dashboard = build_dashboard(sweep_name, args.project, args.entity or "", by=report["rows"])
+        dashboard = build_dashboard(sweep_name, args.project, args.entity or "", sweep_tasks(report["frame"]),
+                                    by=report["rows"])
         dashboard.save()
         print(f"dashboard: {dashboard.url}")
     return 0

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cpds_exp.evaluation.frame import aggregate, records_frame
 from cpds_exp.evaluation.report import scan_records
-from cpds_exp.evaluation.wandb_report import build_dashboard, log_report
+from cpds_exp.evaluation.wandb_report import build_dashboard, log_report, sweep_tasks
 from cpds_exp.loggers import code_version
 from test_report import write_records
 from wandb_offline import finished_run_file, read_run
@@ -106,3 +106,15 @@ def test_dashboard_is_built_offline():
     models = [panel._to_model() for grid in grids for panel in grid.panels]
     assert (models[2].config.x_axis, models[2].config.y_axis) == ("summary:metrics/clip", "summary:metrics/lpips")
     assert models[3].config.x_axis == "iteration"
+
+
+def test_the_dashboard_has_a_section_per_task_the_sweep_ran(tmp_path):
+    """The sweep's own tasks, not the paper's three; a sweep without tasks gets one section for all edits."""
+    frame = pd.DataFrame({"task": ["cat2pig", None, "cat2pig", "dog2wolf"]})
+    assert sweep_tasks(frame) == ["cat2pig", "dog2wolf"]
+    assert sweep_tasks(pd.DataFrame({"task": [None, None]})) == [None]
+    dashboard = build_dashboard("mine", project="cpds-exp", entity="someone", tasks=[None])
+    grids = [b for b in dashboard.blocks if type(b).__name__ == "PanelGrid"]
+    assert "all edits" in [getattr(b, "text", None) for b in dashboard.blocks] and len(grids) == 2
+    filters = str(grids[0].runsets[0].filters)
+    assert "mine" in filters and "task" not in filters

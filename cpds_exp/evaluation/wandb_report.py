@@ -100,12 +100,18 @@ def log_report(report: dict[str, Any], sweep_name: str, project: str = "cpds-exp
     return run.id
 
 
-def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = "", tasks: Sequence[str] = TASKS,
-                    by: str = "method"):
-    """A W&B report for a sweep (its W&B group): per task, CLIP and LPIPS bars per ``by`` value
-    (mean ± s.e.), the CLIP–LPIPS trade-off, the loss and selector-accuracy curves and the edits'
-    images; then the report run's per-edit table, aggregated table and figures. ``.save()``
-    publishes it (online)."""
+def sweep_tasks(frame: pd.DataFrame) -> list[str | None]:
+    """The tasks a sweep's edits ran, in order; [None] when they ran none (one section for all edits)."""
+    tasks = sorted(frame["task"].dropna().unique()) if "task" in frame else []
+    return list(tasks) or [None]
+
+
+def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = "",
+                    tasks: Sequence[str | None] = TASKS, by: str = "method"):
+    """A W&B report for a sweep (its W&B group): per task (None: all the sweep's edits), CLIP and
+    LPIPS bars per ``by`` value (mean ± s.e.), the CLIP–LPIPS trade-off, the loss and
+    selector-accuracy curves and the edits' images; then the report run's per-edit table,
+    aggregated table and figures. ``.save()`` publishes it (online)."""
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
@@ -114,8 +120,9 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
     blocks: list[Any] = [wr.H1(f"cpds-exp: {sweep_name}"),
                          wr.P(f"Edits of the sweep '{sweep_name}', grouped by {by}. CLIP ↑, LPIPS ↓ (mean ± s.e.).")]
     for task in tasks:
-        runset = wr.Runset(entity=entity, project=project, name=task, groupby=[group_key],
-                           filters=expr.And(in_sweep, expr.Config("task.name") == task))
+        filters = [in_sweep] if task is None else expr.And(in_sweep, expr.Config("task.name") == task)
+        task = task or "all edits"
+        runset = wr.Runset(entity=entity, project=project, name=task, groupby=[group_key], filters=filters)
         blocks += [wr.H2(task), wr.PanelGrid(runsets=[runset], panels=[
             wr.BarPlot(title=f"{task}: CLIP score", metrics=[METRIC.format("clip")], groupby=group_key,
                        groupby_aggfunc="mean", groupby_rangefunc="stderr"),
