@@ -174,6 +174,9 @@ def edit_all(cfg: DictConfig, resolved: dict[str, Any], todo: list[PlannedEdit],
     """Load the models and run the edits still to do, in claimed batches; their records."""
     metrics = load_metrics(MetricsConfig(**cfg.metrics), str(device))  # before SD: fail fast offline
     stack = load_model(cfg.model, device, cfg.dtype)
+    if cfg.resolution != stack.resolution:
+        log.warning("%s was trained at %d² but images are edited at resolution=%d²: set resolution=%d for its own size",
+                    cfg.model.pretrained or cfg.model.name, stack.resolution, cfg.resolution, stack.resolution)
     editor = make_editor(stack)
     log.info("editing %d image(s) with %s on %s (pid %d)", len(todo), cfg.method.name, device, os.getpid())
     records: list[EditRecord] = []

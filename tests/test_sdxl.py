@@ -171,3 +171,11 @@ def test_a_sweep_over_methods_and_the_new_model_shapes_runs_from_the_cli(tmp_pat
     assert sorted((r["model"], r["method"]) for r in records) == sorted(
         (model, method) for model in ("tiny_v", "tiny_sdxl") for method in ("dds", "pds", "cds", "cpds"))
     assert all(r["status"] == "done" for r in records)
+
+
+def test_editing_at_another_resolution_than_the_models_says_so(compose_config, tmp_path, caplog):
+    cfg = compose_config("debug=fast", "model=tiny_sdxl", "resolution=64", "iterations=1")
+    with caplog.at_level("WARNING", logger="cpds_exp.app"):
+        [summary] = run(cfg, tmp_path)
+    assert summary["status"] == "done"
+    assert "tiny_sdxl was trained at 128² but images are edited at resolution=64²: set resolution=128" in caplog.text
