@@ -26,9 +26,6 @@ class Conditioning:
         added = {key: torch.cat([part.added[key] for part in parts]) for key in parts[0].added}
         return Conditioning(torch.cat([part.hidden for part in parts]), added)
 
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
     def __getitem__(self, rows: slice) -> "Conditioning":
         return Conditioning(self.hidden[rows], {key: value[rows] for key, value in self.added.items()})
 
