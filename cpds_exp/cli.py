@@ -79,6 +79,10 @@ OmegaConf.register_new_resolver("cpds_exp.readme", lambda: str(README) if README
 _failed_here: list[str] = []
 
 
+#: What Optuna's study raises for its best trial when no trial completed (every objective was None).
+OPTUNA_NOTHING_FINISHED = "No trials are completed yet."
+
+
 def fault_message(err: BaseException) -> str | None:
     """The one line for a fault a user can act on, or None for a bug (which keeps its traceback)."""
     chain, cause = [], err
@@ -90,6 +94,9 @@ def fault_message(err: BaseException) -> str | None:
             return str(cause)
     if isinstance(err, (HydraException, OmegaConfBaseException)):  # before OSError: some are IOErrors
         return config_error(err)
+    if isinstance(err, ValueError) and str(err) == OPTUNA_NOTHING_FINISHED:  # the sweeper asks for the best trial
+        return ("no trial of the search has an objective value (each one failed, or all its edits diverged): see "
+                "the trials' FAILED files and summary.json in the sweep folder, and narrow hydra.sweeper.params")
     if isinstance(err, OSError):
         where = f" ({err.filename})" if err.filename else ""
         return (f"file system error{where}: {err.strerror or err}; check that the inputs are readable, the output "

@@ -122,3 +122,16 @@ def test_a_search_without_metrics_stops_before_any_edit(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: objective='clip - lpips' needs CLIP and LPIPS")
     assert not list(sweep.rglob("summary.json")) and not list(sweep.rglob("source.png"))
+
+
+def test_a_search_whose_every_trial_diverges_ends_in_one_line(tmp_path):
+    """Optuna records a trial without an objective as failed; with none left to call best it raised."""
+    proc = run_py(*TRIALS, "hydra.sweeper.n_trials=1", "hydra.sweeper.params.lr='tag(log,interval(1e30,1e31))'",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and "NaN/Inf" in lines[0]  # the trial's own line, then the search's
+    assert lines[1].startswith("error: no trial of the search has an objective value")
+    assert "Traceback" not in proc.stderr
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")]
+    assert record["status"] == "diverged"
