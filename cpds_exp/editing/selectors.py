@@ -22,6 +22,10 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from cpds_exp.errors import CpdsError
+from cpds_exp.schema import KNNSelectorConfig, MLPSelectorConfig, RFSelectorConfig, SVMSelectorConfig
+
+#: The option defaults, written once in the schema (what a run uses); the classes take them too.
+MLP, KNN, SVM, RF = MLPSelectorConfig(), KNNSelectorConfig(), SVMSelectorConfig(), RFSelectorConfig()
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +114,9 @@ class MLPSelector(PatchSelector):
 
     learns = True
 
-    def __init__(self, seed: int = 0, hidden_sizes: Sequence[int] = (64, 32), lr: float = 1e-3,
-                 epochs: int = 1, batch_size: int = 4096, max_train_samples: int | None = None):
+    def __init__(self, seed: int = 0, hidden_sizes: Sequence[int] = tuple(MLP.hidden_sizes), lr: float = MLP.lr,
+                 epochs: int = MLP.epochs, batch_size: int = MLP.batch_size,
+                 max_train_samples: int | None = MLP.max_train_samples):
         super().__init__(seed)
         if not hidden_sizes or any(h <= 0 for h in hidden_sizes):
             raise CpdsError(f"selector.hidden_sizes={list(hidden_sizes)} must be positive layer widths, e.g. [64,32]")
@@ -174,7 +179,7 @@ class SklearnSelector(PatchSelector):
     learns = True
     classifier_class: type = type(None)
 
-    def __init__(self, seed: int = 0, max_train_samples: int | None = 4096, **params):
+    def __init__(self, seed: int, max_train_samples: int | None, **params):
         super().__init__(seed)
         if max_train_samples is not None and max_train_samples <= 0:
             raise CpdsError(f"selector.max_train_samples={max_train_samples} must be positive or null")
@@ -218,8 +223,8 @@ class KNNSelector(SklearnSelector):
 
     classifier_class = KNeighborsClassifier
 
-    def __init__(self, seed: int = 0, n_neighbors: int = 5, weights: str = "uniform",
-                 max_train_samples: int | None = 4096):
+    def __init__(self, seed: int = 0, n_neighbors: int = KNN.n_neighbors, weights: str = KNN.weights,
+                 max_train_samples: int | None = KNN.max_train_samples):
         if max_train_samples is not None and max_train_samples < n_neighbors:
             raise CpdsError(f"selector.max_train_samples={max_train_samples} is below n_neighbors={n_neighbors}")
         super().__init__(seed, max_train_samples, n_neighbors=n_neighbors, weights=weights)
@@ -234,8 +239,8 @@ class SVMSelector(SklearnSelector):
 
     classifier_class = SVC
 
-    def __init__(self, seed: int = 0, C: float = 1.0, kernel: str = "rbf", gamma: str | float = "scale",
-                 max_train_samples: int | None = 2048):
+    def __init__(self, seed: int = 0, C: float = SVM.C, kernel: str = SVM.kernel, gamma: str | float = SVM.gamma,
+                 max_train_samples: int | None = SVM.max_train_samples):
         super().__init__(seed, max_train_samples, C=C, kernel=kernel, gamma=gamma, random_state=seed)
 
     def make_classifier(self):
@@ -247,7 +252,7 @@ class RandomForestSelector(SklearnSelector):
 
     classifier_class = RandomForestClassifier
 
-    def __init__(self, seed: int = 0, n_estimators: int = 100, max_depth: int | None = None,
-                 n_jobs: int | None = None, max_train_samples: int | None = 4096):
+    def __init__(self, seed: int = 0, n_estimators: int = RF.n_estimators, max_depth: int | None = RF.max_depth,
+                 n_jobs: int | None = RF.n_jobs, max_train_samples: int | None = RF.max_train_samples):
         super().__init__(seed, max_train_samples, n_estimators=n_estimators, max_depth=max_depth,
                          n_jobs=n_jobs, random_state=seed)
