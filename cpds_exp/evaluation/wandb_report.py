@@ -120,7 +120,7 @@ def build_dashboard(sweep_name: str, project: str = "cpds-exp", entity: str = ""
     blocks: list[Any] = [wr.H1(f"cpds-exp: {sweep_name}"),
                          wr.P(f"Edits of the sweep '{sweep_name}', grouped by {by}. CLIP ↑, LPIPS ↓ (mean ± s.e.).")]
     for task in tasks:
-        filters = [in_sweep] if task is None else expr.And(in_sweep, expr.Config("task.name") == task)
+        filters = expr.And(in_sweep) if task is None else expr.And(in_sweep, expr.Config("task.name") == task)
         task = task or "all edits"
         runset = wr.Runset(entity=entity, project=project, name=task, groupby=[group_key], filters=filters)
         blocks += [wr.H2(task), wr.PanelGrid(runsets=[runset], panels=[
