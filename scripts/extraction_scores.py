@@ -2,7 +2,11 @@
 
     python scripts/extraction_scores.py --captions captions.txt --model sd14 --seeds 4 --gamma 0.5 \\
         --out outputs/extraction [--wandb]
+    python scripts/extraction_scores.py --captions captions.txt --model sdxl --out outputs/extraction-xl
     python scripts/extraction_scores.py --captions captions.txt --model tiny --out /tmp/x   # offline smoke run
+
+--model is an option of the model config group (conf/model/: sd14, sd15, sd21, sd21base, sdxl, tiny, ...)
+or a hub id / diffusers folder.
 
 Writes scores.csv, scores.md and top_grid.png; see cpds_exp/tools/extraction.py for the definitions.
 """
@@ -12,18 +16,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from cpds_exp.cli import CONFIG_DIR
 from cpds_exp.errors import CpdsError
+from cpds_exp.schema import ModelConfig
 from cpds_exp.tools.extraction import (SCORES, ExtractionSettings, log_wandb, read_captions, score_captions, top_grid,
                                  write_extraction)
 
-MODELS = {"tiny": None, "sd14": "CompVis/stable-diffusion-v1-4"}
+
+def model_config(name: str) -> DictConfig:
+    """The model group's option ``name`` as a run composes it, or a hub id / diffusers folder."""
+    option = Path(CONFIG_DIR) / "model" / f"{name}.yaml"
+    values = OmegaConf.load(option) if option.is_file() else {"name": name, "pretrained": name}
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     defaults = ExtractionSettings()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=Path, required=True, help="text file, one caption a line")
-    parser.add_argument("--model", default="sd14", help="tiny, sd14, or a hub id / diffusers folder")
+    parser.add_argument("--model", default="sd14", help="a model option (sd14, sd21, sdxl, tiny, ...) or a hub id / "
+                                                         "diffusers folder")
     parser.add_argument("--seeds", type=int, default=defaults.seeds, help="J: noises per caption")
     parser.add_argument("--gamma", type=float, default=defaults.gamma, help="share of seeds an edge must appear in")
     parser.add_argument("--edge-threshold", type=float, default=defaults.edge_threshold,
@@ -46,16 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = ExtractionSettings(seeds=args.seeds, gamma=args.gamma, edge_threshold=args.edge_threshold,
                                   guidance_scale=args.guidance_scale, seed=args.seed, rank_by=args.rank_by)
     try:
-        from cpds_exp.models import load_stack, resolve_device, resolve_dtype
+        from cpds_exp.app import load_model
+        from cpds_exp.models import resolve_device, resolve_dtype
 
         captions = read_captions(args.captions)
-        resolve_dtype(args.dtype, resolve_device(args.device))  # so that what fails below is the model
+        device = resolve_device(args.device)
+        resolve_dtype(args.dtype, device)  # so that what fails below is the model
         try:
-            stack = load_stack(MODELS.get(args.model, args.model), device=args.device, dtype=args.dtype)
+            stack = load_model(model_config(args.model), device, args.dtype)
         except CpdsError as err:
-            raise CpdsError(f"cannot load --model {args.model!r}: it is neither a local diffusers folder nor cached "
-                            "and the hub is unreachable; use --model tiny for an offline run, or "
-                            "--model /path/to/diffusers/folder") from err
+            raise CpdsError(f"--model {args.model}: {err} (here: --model tiny offline, or --model /path/to/folder)"
+                            ) from err
         rows = score_captions(stack, captions, settings)
         grid = top_grid(rows, args.top)
         paths = write_extraction(args.out, rows, grid)

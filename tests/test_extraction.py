@@ -107,3 +107,17 @@ def test_cli_writes_the_table_grid_and_an_offline_wandb_run(tmp_path, monkeypatc
     assert (out / "top_grid.png").stat().st_size > 0
     assert any("extraction/scores/_type" in row for row in read_run(finished_run_file(out))["history"])
     assert "| rank | caption | DCS | ECS |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["tiny_v", "tiny_sdxl"])
+def test_cli_scores_with_any_model_option(tmp_path, monkeypatch, model):
+    """--model names a model option: the v-predicting and the SDXL-shaped tiny stacks score too."""
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a cat\nthe mona lisa\n")
+    monkeypatch.setattr(sys, "argv", ["extraction_scores.py", "--captions", str(captions), "--model", model,
+                                      "--seeds", "2", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "scripts" / "extraction_scores.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(rows) == 2 and all(float(r["dcs"]) > 0 for r in rows)
